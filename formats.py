@@ -73,10 +73,10 @@ def read_lines(file, encoding="utf-8"):
     return lines
 
 
-def split_rows(file, lines, sep, ncols):
+def split_rows(file, lines, sep, ncols, first_line=1):
     """Rows of at least `ncols` fields, cut to `ncols`."""
     rows = [line.split(sep) for line in lines]
-    for lineno, row in enumerate(rows, 1):
+    for lineno, row in enumerate(rows, first_line):
         if len(row) < ncols:
             raise DataError(f"{file[0]}:{lineno}: short row ({len(row)} fields, expected {ncols})")
     return [row[:ncols] for row in rows]
@@ -121,7 +121,7 @@ def read_recbole(files):
         header = [c.split(":")[0] for c in lines[0].split("\t")]
         if len(lines) < 2:
             raise DataError(f"{file[0]}: header only, no rows")
-        columns[file] = dict(zip(header, zip(*split_rows(file, lines[1:], "\t", len(header)))))
+        columns[file] = dict(zip(header, zip(*split_rows(file, lines[1:], "\t", len(header), first_line=2))))
     for file, need in ((inter, ("user_id", "item_id", "timestamp")), (meta, ("item_id",))):
         for col in need:
             if col not in columns[file]:

@@ -122,13 +122,15 @@ def build(users, items, times, texts, inter_name, meta_name, args):
     _, user = index_ids(users)
     _, item = index_ids(items)
     keep = kcore(user, item, args.kcore) if args.kcore > 0 else np.ones(len(user), dtype=bool)
+    if not keep.any():
+        raise DataError(f"{inter_name}: no interactions left after --kcore {args.kcore}")
     if args.split == "loo":  # leave-one-out needs a train, a valid and a test interaction
         short = keep & (np.bincount(user[keep], minlength=user.max() + 1)[user] < 3)
         if short.any():
             print(f"loo: dropped {len(np.unique(user[short]))} users with fewer than 3 interactions")
         keep &= ~short
     if not keep.any():
-        raise DataError(f"{args.source}: no interactions left after --kcore {args.kcore} / the split's minimum")
+        raise DataError(f"{inter_name}: no user has the 3 interactions that --split loo needs")
     item_ids, item = index_ids(np.asarray(items)[keep])
     item = item + 1  # 0 is padding
     _, user = np.unique(user[keep], return_inverse=True)
