@@ -183,7 +183,13 @@ def read_amazon(files, v2023=False):
     reviews = find(files, lambda n: not n.startswith("meta_") and re.search(r"\.(json|jsonl|csv)(\.gz)?$", n),
                    "reviews or ratings file")[1]
     if re.search(r"\.csv(\.gz)?$", reviews[0]):
-        users, items, _, times = zip(*split_rows(reviews, read_lines(reviews), ",", 4))
+        rows = split_rows(reviews, read_lines(reviews), ",", 4)
+        if rows[0][0] == "user_id":  # 2023: a header, user first
+            users, items, _, times = zip(*rows[1:])
+        elif os.path.basename(reviews[0]).startswith("ratings_"):  # 2014: user,item,rating,time
+            users, items, _, times = zip(*rows)
+        else:  # 2018's Category.csv: item,user,rating,time
+            items, users, _, times = zip(*rows)
     else:
         records = parse_records(reviews)
         keys = ("user_id", "parent_asin", "timestamp") if v2023 else ("reviewerID", "asin", "unixReviewTime")

@@ -59,9 +59,9 @@ def fetch_named(name, cache_dir):
         if not (os.path.exists(path) and md5(path) == want):
             with urllib.request.urlopen(url, timeout=60) as r, atomic_open(path) as f:
                 shutil.copyfileobj(r, f)
-            if md5(path) != want:
+            if md5(path) != want:  # a changed file is an error, not a reason to use another copy
                 os.remove(path)
-                raise OSError(f"md5 mismatch (expected {want})")
+                raise DataError(f"{url}: md5 mismatch (expected {want}): the file changed upstream or in transit")
         print(f"source: {url} (md5 verified, cached at {path})")
         return list_files(path)
     except OSError as e:
@@ -86,7 +86,7 @@ def index_ids(ids):
     """Original ids -> (sorted unique ids, index of each); numeric order when all are integers."""
     uniq, inverse = np.unique(np.asarray(ids, dtype=str), return_inverse=True)
     if all(u.isdigit() for u in uniq):
-        order = np.argsort(uniq.astype(np.int64), kind="stable")
+        order = np.array(sorted(range(len(uniq)), key=lambda i: int(uniq[i])), dtype=np.int64)  # any size
         rank = np.empty_like(order)
         rank[order] = np.arange(len(order))
         uniq, inverse = uniq[order], rank[inverse]
@@ -116,6 +116,8 @@ def build(users, items, times, texts, inter_name, meta_name, args):
     except ValueError:
         bad = next(t for t in times if not re.fullmatch(r"\s*[-+0-9.eE]+\s*", t))
         raise DataError(f"{inter_name}: non-numeric timestamp '{bad}'") from None
+    if not np.isfinite(times).all():
+        raise DataError(f"{inter_name}: non-finite timestamp '{times[~np.isfinite(times)][0]}'")
     missing = sorted(set(items) - texts.keys())
     if missing:
         raise DataError(f"{meta_name}: no text row for {len(missing)} items, e.g. '{missing[0]}'")
