@@ -1,0 +1,110 @@
+"""
+Evaluate a checkpoint by full ranking over all N items (or the sampled protocol of LLM-ESR), over
+all test samples and per head/tail item and user group; or the popularity recommender.
+
+    python evaluate.py runs/toys_alphafuse/ckpt.pt                      # -> runs/toys_alphafuse/metrics.json
+    python evaluate.py runs/toys_alphafuse/ckpt.pt --mask_history --out runs/toys_alphafuse/masked.json
+    python evaluate.py --popularity --data data/toys                    # most popular training items
+
+Reads  CKPT (train_discriminative.py or train_diffusion.py) and its DATA/{split}.npz, meta.json.
+Writes FILE (default metrics.json beside CKPT; DATA/popularity.json with --popularity) as
+       {split: {group: {"HR@10": x, "NDCG@10": x, "MRR@10": x, "HR@20": ...}}}, groups all,
+       head_item, tail_item (the 20% most popular training items and the rest), head_user,
+       tail_user (the 20% of users with the longest training histories and the rest).
+Prints the same as a table.
+rank = 1 + #{j != target : score_j >= score_target} (ties count against the model);
+HR@K = [rank <= K], NDCG@K = [rank <= K] / log2(rank + 1), MRR@K = [rank <= K] / rank.
+--mask_history removes the items of the sample's history window (except the target) from the
+ranking; --sampled M ranks the target against M items drawn (seeded) from outside that window.
+"""
+
+import argparse
+import os
+import sys
+
+import torch
+
+import common
+from common import DataError
+
+
+def load_model(ckpt, device):
+    """Rebuild the model from the checkpoint's model_args and load its weights."""
+    if ckpt.get("backbone") == "dreamrec":
+        from train_diffusion import build_model
+    else:
+        from train_discriminative import build_model
+    model = build_model(ckpt["model_args"]).to(device)
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+def popularity_scorer(meta, device):
+    """Every user gets the same scores: the items' training popularity."""
+    pop = torch.tensor(meta["item_popularity"], dtype=torch.float32, device=device)
+    return lambda seq: pop.expand(len(seq), -1)
+
+
+def evaluate(score_all, data_dir, meta, split, ks, device, mask_history=False, sampled=0, seed=0, batch_size=1024):
+    arrays = common.load_split(data_dir, split, meta["num_items"], meta["max_len"])
+    seq, target = (torch.from_numpy(arrays[k]).to(device) for k in ("seq", "target"))
+    per_sample = common.full_ranking(score_all, seq, target, ks, batch_size, mask_history, sampled, seed)
+    return common.group_means(per_sample, arrays["target"], arrays["user"], meta)
+
+
+def run(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ks = [int(k) for k in args.ks.split(",")]
+    if args.popularity:
+        if not args.data:
+            raise DataError("--popularity needs --data DATA")
+        meta = common.load_meta(args.data)
+        score_all, data_dir = popularity_scorer(meta, device), args.data
+        out = args.out or os.path.join(args.data, "popularity.json")
+    else:
+        if not args.ckpt:
+            raise DataError("give a checkpoint CKPT, or --popularity --data DATA")
+        ckpt = common.load_checkpoint(args.ckpt, device)
+        if not all(k in ckpt for k in ("model", "model_args", "config")):
+            raise DataError(f"{args.ckpt}: not a checkpoint of train_discriminative.py or train_diffusion.py")
+        data_dir = args.data or ckpt["config"]["data"]
+        meta = common.load_meta(data_dir)
+        if meta["num_items"] != ckpt["model_args"]["num_items"]:
+            raise DataError(f"{data_dir}/meta.json: {meta['num_items']} items, the checkpoint has {ckpt['model_args']['num_items']}")
+        model = load_model(ckpt, device)
+        score_all = model.scorer(args.seed)
+        out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "metrics.json")
+    if args.sampled > meta["num_items"] - meta["max_len"] - 1:
+        raise DataError(f"--sampled {args.sampled}: only N - L - 1 = {meta['num_items'] - meta['max_len'] - 1} "
+                        f"items are sure to lie outside a history window")
+    results = {args.split: evaluate(score_all, data_dir, meta, args.split, ks, device,
+                                    args.mask_history, args.sampled, args.seed, args.batch_size)}
+    common.write_json(out, results)
+    protocol = f"sampled ({args.sampled} negatives)" if args.sampled else "full ranking"
+    print(f"{args.split}, {protocol}{', history masked' if args.mask_history else ''}:")
+    print(common.format_table(results))
+    print(f"wrote {out}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ckpt", nargs="?", help="checkpoint CKPT (RUN/ckpt.pt)")
+    p.add_argument("--data", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
+    p.add_argument("--popularity", action="store_true", help="evaluate the popularity recommender on --data instead")
+    p.add_argument("--split", choices=["test", "valid"], default="test", help="which samples to rank")
+    p.add_argument("--ks", default="10,20", help="cut-offs K of HR@K, NDCG@K, MRR@K, comma-separated")
+    p.add_argument("--mask_history", action="store_true", help="never recommend the history's items")
+    p.add_argument("--sampled", type=int, default=0, help="rank against this many sampled items (LLM-ESR: 100; 0 = all)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives and of diffusion sampling")
+    p.add_argument("--batch_size", type=int, default=1024, help="samples scored at once")
+    p.add_argument("--out", default=None, help="output JSON (default: metrics.json beside CKPT)")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    args = p.parse_args(argv)
+    try:
+        run(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

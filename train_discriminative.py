@@ -1,0 +1,281 @@
+"""
+Train SASRec with AlphaFuse item embeddings, or with one of the baselines that differ only in the
+item embedding, then evaluate the best checkpoint once on test.
+
+    python decompose.py data/toys                       # -> data/toys/subspace.pt (d = 128, d_n = 64)
+    python train_discriminative.py data/toys --out runs/toys_alphafuse
+    python train_discriminative.py data/toys --out runs/toys_id --item_emb id
+
+--item_emb   alphafuse  frozen standardized language coordinates + trainable ID vectors in the
+                        null space (coordinates d_s..d) of subspace.pt
+             id         a trainable table (N+1, d), SASRec
+             llminit    a trainable table initialised from subspace.pt's language coordinates
+             morec      frozen raw language embeddings (lang_emb.npy) -> MLP adapter
+             whitenrec  frozen whitened language embeddings (all d_l directions) -> MLP adapter
+Reads  DATA/{train,valid,test}.npz, DATA/meta.json, and --subspace (alphafuse, llminit) or
+       DATA/lang_emb.npy (morec, whitenrec).
+Writes RUN/ckpt.pt (best validation NDCG@20), RUN/last.pt (latest epoch, for --resume),
+       RUN/log.jsonl (one line per epoch), RUN/metrics.json (test, best checkpoint).
+Prints one line per epoch (loss, validation metrics, seconds, samples/s) and the test table.
+
+NOTE where this differs from the official code: batches are shuffled; the score function
+(cosine by default, as InfoNCE trains) is the same in training and evaluation unless
+--eval_score dot asks for the official raw dot product; negatives that hit the target are
+masked out instead of resampled; evaluation runs in eval mode without gradients.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import common
+import decompose
+from common import DataError
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class AdapterEmbedding(torch.nn.Module):
+    """Frozen item features (N+1, d_in) -> Linear, GELU, Linear -> (N+1, d) (MoRec, WhitenRec)."""
+
+    def __init__(self, features, d):
+        super().__init__()
+        self.register_buffer("features", features)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(features.shape[1], d), torch.nn.GELU(), torch.nn.Linear(d, d))
+
+    def forward(self, idx):
+        return self.mlp(self.features[idx]) * (idx > 0)[..., None]  # padding stays zero
+
+
+def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None):
+    """The item embedding module; `init` is the language tensor it is built on (zeros as a
+    placeholder when rebuilding from a checkpoint, whose state_dict then fills it)."""
+    if item_emb in ("alphafuse", "llminit", "morec", "whitenrec") and init is None:
+        init = torch.zeros(num_items + 1, d_in if item_emb in ("morec", "whitenrec") else d)
+    if item_emb == "alphafuse":
+        return common.FusedItemEmbedding(init, d_s, id_init, train_lang, id_replace)
+    if item_emb in ("morec", "whitenrec"):
+        return AdapterEmbedding(init, d)
+    table = torch.nn.Embedding(num_items + 1, d, padding_idx=0)
+    with torch.no_grad():
+        table.weight.copy_(init if item_emb == "llminit" else torch.randn(num_items + 1, d))
+        table.weight[0] = 0
+    return table
+
+
+class SASRec(torch.nn.Module):
+
+    def __init__(self, item_emb, num_items, d, max_len, num_blocks, num_heads, dropout, score,
+                 eval_score, temperature, d_in=0, d_s=0, id_init="normal", train_lang=False, id_replace=False, init=None):
+        super().__init__()
+        self.num_items, self.score, self.eval_score, self.temperature = num_items, score, eval_score, temperature
+        self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init)
+        self.encoder = common.SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
+        self.register_buffer("all_items", torch.arange(num_items + 1), persistent=False)
+
+    def user_state(self, seq):  # (B, L) -> (B, d)
+        return self.encoder(self.item_emb(seq), seq)
+
+    def logits(self, u, e, score):
+        """u (B, d) against shared items e (M, d) -> (B, M), or per-sample items e (B, M, d)."""
+        if score == "cosine":
+            u, e = F.normalize(u, dim=-1), F.normalize(e, dim=-1)
+        out = u @ e.T if e.dim() == 2 else torch.einsum("bd,bmd->bm", u, e)
+        return out / self.temperature if score == "cosine" else out
+
+    def score_all(self, seq):  # (B, L) -> (B, N+1), for full ranking
+        return self.logits(self.user_state(seq), self.item_emb(self.all_items), self.eval_score)
+
+    def scorer(self, seed=0):  # the score function evaluation uses; SASRec draws no noise
+        return self.score_all
+
+    def loss(self, seq, target, loss, neg_ratio, generator):
+        u = self.user_state(seq)  # (B, d)
+        if loss == "ce":  # full softmax over the N items
+            logits = self.logits(u, self.item_emb(self.all_items), self.score)  # (B, N+1)
+            return F.cross_entropy(logits[:, 1:], target - 1)
+        neg = torch.randint(1, self.num_items + 1, (len(target), neg_ratio), device=seq.device, generator=generator)
+        logits = self.logits(u, self.item_emb(torch.cat([target[:, None], neg], 1)), self.score)  # (B, 1+K)
+        pos, neg_logits = logits[:, 0], logits[:, 1:].masked_fill(neg == target[:, None], float("-inf"))
+        if loss == "infonce":  # the positive against K uniform negatives
+            return F.cross_entropy(torch.cat([pos[:, None], neg_logits], 1), torch.zeros_like(target))
+        hit = neg_logits.isfinite()  # bce: each negative that is not the target
+        neg_term = (F.softplus(neg_logits) * hit).sum(1) / hit.sum(1).clamp(min=1)
+        return (F.softplus(-pos) + neg_term).mean()
+
+
+def build_model(model_args, init=None):
+    return SASRec(**model_args, init=init)
+
+# -----------------------------------------------------------------------------
+# training
+
+
+def item_inputs(args, meta):
+    """The language tensor the item embedding is built on, and the fields that describe it."""
+    N = meta["num_items"]
+    if args.item_emb in ("alphafuse", "llminit"):
+        sub = common.load_subspace(args.subspace, N)
+        d = sub["lang_emb"].shape[1]
+        return sub["lang_emb"], {"d_s": sub["d_s"], "hidden_dim": d}, \
+            {"subspace": args.subspace, "subspace_settings": sub.get("settings"), "lang_emb_sha256": sub.get("lang_emb_sha256")}
+    if args.item_emb in ("morec", "whitenrec"):
+        path = os.path.join(args.data, "lang_emb.npy")
+        emb = decompose.open_lang_emb(path)
+        if len(emb) != N:
+            raise DataError(f"{path}: {len(emb)} rows, meta.json says {N} items")
+        if args.item_emb == "morec":
+            features = np.concatenate([np.zeros((1, emb.shape[1]), np.float32), np.asarray(emb, np.float32)])
+        else:
+            mean, Sigma = decompose.weighted_covariance(emb, path=path)
+            s, U = decompose.eigendecompose(Sigma)
+            features = decompose.project(emb, mean, decompose.projection_matrix(s, U, len(s)))
+        return torch.from_numpy(features), {"d_in": emb.shape[1]}, {"lang_emb_sha256": decompose.file_sha256(path)}
+    return None, {}, {}
+
+
+def validate(model, split, ks=(10, 20), batch_size=1024, seed=0):
+    model.eval()
+    m = common.full_ranking(model.scorer(seed), split["seq"], split["target"], ks, batch_size)
+    model.train()
+    return {k: float(v.mean()) for k, v in m.items()}
+
+
+def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
+    """The training loop both backbones share: seeded shuffled batches of device-resident data,
+    validation NDCG@20 every --eval_every epochs, best and last checkpoints, early stopping after
+    --patience evaluations without improvement, --resume, log.jsonl; then the best checkpoint
+    is evaluated once on test. loss_fn(seq, target) -> scalar; gens: the seeded generators."""
+    device = next(model.parameters()).device
+    gens = dict(gens, torch=torch.default_generator)  # dropout draws from the global generator
+    if device.type == "cuda":
+        gens["cuda"] = torch.cuda.default_generators[device.index or 0]
+    meta, splits = common.load_dataset(args.data)
+    data = {s: {k: torch.from_numpy(v).to(device) for k, v in a.items()} for s, a in splits.items()}
+    os.makedirs(args.out, exist_ok=True)
+    log_path = os.path.join(args.out, "log.jsonl")
+    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "ckpt.pt")
+    epoch, best_val, bad_evals = 0, -1.0, 0
+    if args.resume:
+        ck = common.load_checkpoint(last_path, device)
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        epoch, best_val, bad_evals = ck["epoch"], ck["best_val"], ck["bad_evals"]
+        for name, g in gens.items():
+            g.set_state(ck["generators"][name].cpu())
+        print(f"resumed {last_path} at epoch {epoch}")
+    elif os.path.exists(log_path):
+        os.remove(log_path)  # a fresh run starts a fresh log
+    train = data["train"]
+    n = len(train["target"])
+    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
+    print(f"{backbone} {args.item_emb}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
+          f"trainable parameters, {n:,} training samples, device {device}")
+    while epoch < args.epochs and bad_evals < args.patience:
+        epoch += 1
+        t0, total = time.time(), 0.0
+        model.train()
+        perm = torch.randperm(n, generator=gens["perm"]).to(device)
+        for i in range(0, n, args.batch_size):
+            idx = perm[i:i + args.batch_size]
+            with amp:
+                loss = loss_fn(train["seq"][idx], train["target"][idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+        seconds = time.time() - t0
+        record = {"epoch": epoch, "loss": total / n, "seconds": round(seconds, 2), "samples_per_s": round(n / seconds)}
+        improved = False
+        if epoch % args.eval_every == 0 or epoch == args.epochs:
+            with amp:
+                record["valid"] = validate(model, data["valid"])
+            improved = record["valid"]["NDCG@20"] > best_val
+            best_val, bad_evals = (record["valid"]["NDCG@20"], 0) if improved else (best_val, bad_evals + 1)
+        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+                "config": config, "epoch": epoch, "best_val": best_val, "bad_evals": bad_evals, "backbone": backbone,
+                "generators": {name: g.get_state() for name, g in gens.items()}}
+        if improved:
+            common.save_checkpoint(best_path, **ckpt)
+        common.save_checkpoint(last_path, **ckpt)
+        with open(log_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        val = record.get("valid")
+        val_text = f" | valid NDCG@20 {val['NDCG@20']:.4f} HR@20 {val['HR@20']:.4f}" if val else ""
+        print(f"epoch {epoch:3d} | loss {record['loss']:.4f}{val_text} | {seconds:.1f}s, {n / seconds:,.0f} samples/s")
+    best = common.load_checkpoint(best_path, device)
+    model.load_state_dict(best["model"])
+    model.eval()
+    with amp:
+        per_sample = common.full_ranking(model.scorer(0), data["test"]["seq"], data["test"]["target"])
+    results = {"test": common.group_means(per_sample, splits["test"]["target"], splits["test"]["user"], meta)}
+    common.write_json(os.path.join(args.out, "metrics.json"), results)
+    print(f"best epoch {best['epoch']} (valid NDCG@20 {best['best_val']:.4f}); test, full ranking:")
+    print(common.format_table(results))
+
+
+def run(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gens = {"perm": common.seed_everything(args.seed),
+            "negatives": torch.Generator(device=device).manual_seed(args.seed + 1)}
+    meta = common.load_meta(args.data)
+    init, dims, provenance = item_inputs(args, meta)
+    model_args = {"item_emb": args.item_emb, "num_items": meta["num_items"], "d": dims.get("hidden_dim", args.hidden_dim),
+                  "max_len": meta["max_len"], "num_blocks": args.num_blocks, "num_heads": args.num_heads,
+                  "dropout": args.dropout, "score": args.score, "eval_score": args.eval_score or args.score,
+                  "temperature": args.temperature, "d_in": dims.get("d_in", 0), "d_s": dims.get("d_s", 0),
+                  "id_init": args.id_init, "train_lang": args.train_lang, "id_replace": args.id_replace}
+    model = build_model(model_args, init).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    loss_fn = lambda seq, target: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"])
+    fit(args, model, model_args, optimizer, loss_fn, gens, "sasrec", {**vars(args), "device": device, **provenance})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="prepared dataset folder DATA (prepare.py)")
+    p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
+    p.add_argument("--subspace", default=None, help="decompose.py output (default DATA/subspace.pt): E_lang, d_s, d_n")
+    # item embedding and loss
+    p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
+    p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors in the null space (alphafuse)")
+    p.add_argument("--train_lang", action="store_true", help="train the language coordinates too (ablation 'w/o Frozen')")
+    p.add_argument("--id_replace", action="store_true", help="ID vectors replace the null coordinates instead of adding to them")
+    p.add_argument("--loss", choices=["infonce", "ce", "bce"], default="infonce", help="InfoNCE with K negatives, full softmax CE, or BCE")
+    p.add_argument("--neg_ratio", type=int, default=64, help="K, uniform negatives per sample (infonce, bce)")
+    p.add_argument("--temperature", type=float, default=0.07, help="tau of the cosine logits")
+    p.add_argument("--score", choices=["cosine", "dot"], default="cosine", help="similarity of user state and item in training")
+    p.add_argument("--eval_score", choices=["cosine", "dot"], default=None, help="similarity for ranking (default: --score; official code: dot)")
+    # SASRec
+    p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec (alphafuse and llminit take d from --subspace)")
+    p.add_argument("--num_blocks", type=int, default=1, help="Transformer blocks")
+    p.add_argument("--num_heads", type=int, default=1, help="attention heads")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
+    # optimization
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight_decay", type=float, default=1e-6, help="Adam weight decay")
+    p.add_argument("--batch_size", type=int, default=256, help="samples per step")
+    p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=10, help="stop after this many evaluations without a better valid NDCG@20")
+    p.add_argument("--eval_every", type=int, default=1, help="epochs between validations")
+    p.add_argument("--seed", type=int, default=22, help="seed of the initialisation, the batch order and the negatives")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+    args = p.parse_args(argv)
+    args.subspace = args.subspace or os.path.join(args.data, "subspace.pt")
+    try:
+        run(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
