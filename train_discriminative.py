@@ -65,7 +65,7 @@ def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, 
         return AdapterEmbedding(init, d)
     table = torch.nn.Embedding(num_items + 1, d, padding_idx=0)
     with torch.no_grad():
-        table.weight.copy_(init if item_emb == "llminit" else torch.randn(num_items + 1, d))
+        table.weight.copy_(init if item_emb == "llminit" else torch.randn(num_items + 1, d) * (id_init == "normal"))
         table.weight[0] = 0
     return table
 
@@ -124,6 +124,8 @@ def item_inputs(args, meta):
     if args.item_emb in ("alphafuse", "llminit"):
         sub = common.load_subspace(args.subspace, N)
         d = sub["lang_emb"].shape[1]
+        if d % args.num_heads:
+            raise DataError(f"{args.subspace}: d = {d} is not divisible by --num_heads {args.num_heads}")
         return sub["lang_emb"], {"d_s": sub["d_s"], "hidden_dim": d}, \
             {"subspace": args.subspace, "subspace_settings": sub.get("settings"), "lang_emb_sha256": sub.get("lang_emb_sha256")}
     if args.item_emb in ("morec", "whitenrec"):
@@ -165,6 +167,9 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
     epoch, best_val, bad_evals = 0, -1.0, 0
     if args.resume:
         ck = common.load_checkpoint(last_path, device)
+        if ck["model_args"] != model_args:
+            changed = sorted(k for k in model_args if ck["model_args"].get(k) != model_args[k])
+            raise DataError(f"{last_path}: the model settings differ from the checkpoint's ({', '.join(changed)})")
         model.load_state_dict(ck["model"])
         optimizer.load_state_dict(ck["optimizer"])
         epoch, best_val, bad_evals = ck["epoch"], ck["best_val"], ck["bad_evals"]
@@ -195,8 +200,7 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
         record = {"epoch": epoch, "loss": total / n, "seconds": round(seconds, 2), "samples_per_s": round(n / seconds)}
         improved = False
         if epoch % args.eval_every == 0 or epoch == args.epochs:
-            with amp:
-                record["valid"] = validate(model, data["valid"])
+            record["valid"] = validate(model, data["valid"])  # float32 scores: bf16 would make ties
             improved = record["valid"]["NDCG@20"] > best_val
             best_val, bad_evals = (record["valid"]["NDCG@20"], 0) if improved else (best_val, bad_evals + 1)
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
@@ -213,8 +217,7 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
     best = common.load_checkpoint(best_path, device)
     model.load_state_dict(best["model"])
     model.eval()
-    with amp:
-        per_sample = common.full_ranking(model.scorer(0), data["test"]["seq"], data["test"]["target"])
+    per_sample = common.full_ranking(model.scorer(0), data["test"]["seq"], data["test"]["target"])
     results = {"test": common.group_means(per_sample, splits["test"]["target"], splits["test"]["user"], meta)}
     common.write_json(os.path.join(args.out, "metrics.json"), results)
     print(f"best epoch {best['epoch']} (valid NDCG@20 {best['best_val']:.4f}); test, full ranking:")
@@ -271,6 +274,8 @@ def main(argv=None):
     p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
     args = p.parse_args(argv)
     args.subspace = args.subspace or os.path.join(args.data, "subspace.pt")
+    if args.hidden_dim % args.num_heads:
+        p.error(f"--num_heads {args.num_heads} must divide --hidden_dim {args.hidden_dim}")
     try:
         run(args)
     except DataError as e:

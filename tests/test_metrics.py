@@ -7,7 +7,6 @@ causal, blind to padding, finite for one-item histories, fine with a batch of on
 
 import json
 import math
-import os
 
 import numpy as np
 import pytest

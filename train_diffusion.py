@@ -1,0 +1,186 @@
+"""
+Train DreamRec (a conditional diffusion model that generates the next item's embedding) with
+AlphaFuse item embeddings or an ID table, then evaluate the best checkpoint once on test.
+
+    python decompose.py data/toys --null_thres 0.25 --out data/toys/subspace_dreamrec.pt   # d = d_l
+    python train_diffusion.py data/toys --out runs/toys_dreamrec --subspace data/toys/subspace_dreamrec.pt
+    python train_diffusion.py data/toys --out runs/toys_dreamrec_id --item_emb id
+
+The condition c (B, d) is the SASRec encoder's state of the history (common.SASRecEncoder over the
+same item embeddings). The denoiser f(x_t, c, t) predicts x0 with one Linear over
+[x_t, c, MLP(sinusoid(t))] (the official architecture); training minimises ||f - x0||^2 with
+x0 = e_target, t ~ U{0..T-1}, and c replaced by a learned null vector with probability p_uncond.
+Sampling is deterministic DDIM over --sample_steps evenly spaced steps from T-1 down to 0, with
+classifier-free guidance x0_hat = (1 + w) f(x_t, c, t) - w f(x_t, null, t); items are scored by
+x0_hat . e_i. Evaluation draws x_T from its own generator seeded by --seed, so a checkpoint always
+gives the same metrics.
+Reads and writes the same files as train_discriminative.py (RUN/ckpt.pt, last.pt, log.jsonl,
+metrics.json) and prints the same lines.
+
+NOTE where this differs from the official code: the first DDIM step is t = T-1, not T (outside the
+trained range); schedules are computed in float64; batches are shuffled.
+"""
+
+import argparse
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import common
+from common import DataError
+from train_discriminative import fit, item_inputs, make_item_embedding
+
+
+def beta_schedule(schedule, T, beta_start, beta_end):
+    """(T,) float64 betas: linear from beta_start to beta_end, or the cosine schedule of
+    Nichol & Dhariwal (2021) with s = 0.008 and betas clipped at 0.999."""
+    if schedule == "linear":
+        return torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    f = torch.cos((torch.arange(T + 1, dtype=torch.float64) / T + 0.008) / 1.008 * math.pi / 2) ** 2
+    return (1 - f[1:] / f[:-1]).clamp(max=0.999)
+
+
+def timestep_embedding(t, d):
+    """Sinusoidal embedding of integer timesteps t (B,) -> (B, d), as the Transformer's positions."""
+    half = d // 2
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / max(half - 1, 1))
+    angles = t.float()[:, None] * freqs  # (B, d/2)
+    return F.pad(torch.cat([angles.sin(), angles.cos()], dim=1), (0, d % 2))
+
+
+class DreamRec(torch.nn.Module):
+
+    def __init__(self, item_emb, num_items, d, max_len, num_blocks, num_heads, dropout, timesteps,
+                 beta_start, beta_end, schedule, w, p_uncond, sample_steps, d_s=0, id_init="normal", init=None):
+        super().__init__()
+        self.num_items, self.T, self.w, self.p_uncond, self.sample_steps = num_items, timesteps, w, p_uncond, sample_steps
+        self.item_emb = make_item_embedding(item_emb, num_items, d, 0, d_s, id_init, False, False, init)
+        self.encoder = common.SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
+        self.null_c = torch.nn.Parameter(torch.randn(d) * 0.02)  # the unconditional "condition"
+        self.step_mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
+        self.denoiser = torch.nn.Linear(3 * d, d)
+        alphas_cumprod = torch.cumprod(1 - beta_schedule(schedule, timesteps, beta_start, beta_end), 0)
+        self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
+        self.register_buffer("all_items", torch.arange(num_items + 1), persistent=False)
+
+    def condition(self, seq):  # (B, L) -> c (B, d)
+        return self.encoder(self.item_emb(seq), seq)
+
+    def q_sample(self, x0, t, noise):
+        """x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I), t (B,) in [0, T-1]."""
+        abar = self.alphas_cumprod[t][:, None]  # (B, 1)
+        return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+
+    def predict_x0(self, x_t, c, t):  # f(x_t, c, t) -> (B, d)
+        t_emb = self.step_mlp(timestep_embedding(t, x_t.shape[1]))
+        return self.denoiser(torch.cat([x_t, c, t_emb], dim=1))
+
+    def guided_x0(self, x_t, c, t):
+        """Classifier-free guidance: (1 + w) f(x_t, c, t) - w f(x_t, null, t)."""
+        uncond = self.predict_x0(x_t, self.null_c.expand_as(c), t)
+        return (1 + self.w) * self.predict_x0(x_t, c, t) - self.w * uncond
+
+    def loss(self, seq, target, generator):
+        x0 = self.item_emb(target)  # (B, d)
+        c = self.condition(seq)
+        drop = torch.rand(len(c), 1, device=c.device, generator=generator) < self.p_uncond
+        c = torch.where(drop, self.null_c.expand_as(c), c)
+        t = torch.randint(0, self.T, (len(c),), device=c.device, generator=generator)
+        noise = torch.randn(x0.shape, device=c.device, generator=generator)
+        return F.mse_loss(self.predict_x0(self.q_sample(x0, t, noise), c, t), x0)
+
+    def sample_timesteps(self):
+        """sample_steps evenly spaced integers from T-1 down to 0, all inside the trained range."""
+        return torch.linspace(self.T - 1, 0, self.sample_steps, dtype=torch.float64).round().long().tolist()
+
+    @torch.no_grad()
+    def ddim_sample(self, c, generator):
+        """Deterministic DDIM (eta = 0): x_T ~ N(0, I), then at each step t -> t_prev
+        x_{t_prev} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps_hat, eps_hat implied by x0_hat."""
+        x = torch.randn(c.shape, device=c.device, generator=generator)
+        steps = self.sample_timesteps()
+        for t, t_prev in zip(steps, steps[1:] + [-1]):
+            x0_hat = self.guided_x0(x, c, torch.full((len(c),), t, device=c.device))
+            abar, abar_prev = self.alphas_cumprod[t], self.alphas_cumprod[t_prev] if t_prev >= 0 else 1.0
+            eps_hat = (x - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
+            x = math.sqrt(abar_prev) * x0_hat + math.sqrt(1 - abar_prev) * eps_hat
+        return x0_hat
+
+    def scorer(self, seed=0):
+        """The score function of one evaluation: its own seeded generator for x_T."""
+        generator = torch.Generator(device=self.all_items.device).manual_seed(seed)
+        return lambda seq: self.ddim_sample(self.condition(seq), generator) @ self.item_emb(self.all_items).T
+
+
+def build_model(model_args, init=None):
+    return DreamRec(**model_args, init=init)
+
+
+def run(args):
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    gens = {"perm": common.seed_everything(args.seed),
+            "noise": torch.Generator(device=device).manual_seed(args.seed + 1)}
+    meta = common.load_meta(args.data)
+    if args.item_emb == "alphafuse" and not os.path.exists(args.subspace):
+        raise DataError(f"{args.subspace}: file not found (run decompose.py DATA --null_thres 0.25 --out {args.subspace})")
+    init, dims, provenance = item_inputs(args, meta)
+    model_args = {"item_emb": args.item_emb, "num_items": meta["num_items"], "d": dims.get("hidden_dim", args.hidden_dim),
+                  "max_len": meta["max_len"], "num_blocks": args.num_blocks, "num_heads": args.num_heads,
+                  "dropout": args.dropout, "timesteps": args.timesteps, "beta_start": args.beta_start,
+                  "beta_end": args.beta_end, "schedule": args.schedule, "w": args.w, "p_uncond": args.p_uncond,
+                  "sample_steps": args.sample_steps, "d_s": dims.get("d_s", 0), "id_init": args.id_init}
+    model = build_model(model_args, init).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    loss_fn = lambda seq, target: model.loss(seq, target, gens["noise"])
+    fit(args, model, model_args, optimizer, loss_fn, gens, "dreamrec", {**vars(args), "device": device, **provenance})
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="prepared dataset folder DATA (prepare.py)")
+    p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
+    p.add_argument("--subspace", default=None, help="decompose.py output with d = d_l (default DATA/subspace_dreamrec.pt)")
+    p.add_argument("--item_emb", choices=["alphafuse", "id"], default="alphafuse", help="item embedding: AlphaFuse or an ID table")
+    p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors")
+    p.add_argument("--hidden_dim", type=int, default=128, help="d of the id table (alphafuse takes d = d_l from --subspace)")
+    p.add_argument("--num_blocks", type=int, default=1, help="Transformer blocks of the condition encoder")
+    p.add_argument("--num_heads", type=int, default=1, help="attention heads")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate of the encoder")
+    # diffusion
+    p.add_argument("--timesteps", type=int, default=2000, help="T, diffusion steps")
+    p.add_argument("--beta_start", type=float, default=1e-4, help="beta_1 of the linear schedule")
+    p.add_argument("--beta_end", type=float, default=0.02, help="beta_T of the linear schedule")
+    p.add_argument("--schedule", choices=["linear", "cosine"], default="linear", help="beta schedule")
+    p.add_argument("--w", type=float, default=5.0, help="w, classifier-free guidance strength")
+    p.add_argument("--p_uncond", type=float, default=0.1, help="probability that c is replaced by the null vector")
+    p.add_argument("--sample_steps", type=int, default=20, help="DDIM steps (T / stride; official stride 100)")
+    # optimization
+    p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
+    p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
+    p.add_argument("--batch_size", type=int, default=256, help="samples per step")
+    p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=10, help="stop after this many evaluations without a better valid NDCG@20")
+    p.add_argument("--eval_every", type=int, default=1, help="epochs between validations")
+    p.add_argument("--seed", type=int, default=22, help="seed of the initialisation, the batches and the noise")
+    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+    args = p.parse_args(argv)
+    args.subspace = args.subspace or os.path.join(args.data, "subspace_dreamrec.pt")
+    if not 1 <= args.sample_steps <= args.timesteps:
+        p.error(f"--sample_steps must be in 1..T = {args.timesteps}")
+    if args.w < 0 or not 0 <= args.p_uncond <= 1:
+        p.error("--w must be >= 0 and --p_uncond in [0, 1]")
+    if args.hidden_dim % args.num_heads:
+        p.error(f"--num_heads {args.num_heads} must divide --hidden_dim {args.hidden_dim}")
+    try:
+        run(args)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
