@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 import common
 from common import DataError
-from train_discriminative import fit, item_inputs, make_item_embedding
+from train_discriminative import add_loop_args, fit, item_inputs, make_item_embedding
 
 
 def beta_schedule(schedule, T, beta_start, beta_end):
@@ -146,9 +146,6 @@ def main(argv=None):
     p.add_argument("--item_emb", choices=["alphafuse", "id"], default="alphafuse", help="item embedding: AlphaFuse or an ID table")
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors")
     p.add_argument("--hidden_dim", type=int, default=128, help="d of the id table (alphafuse takes d = d_l from --subspace)")
-    p.add_argument("--num_blocks", type=int, default=1, help="Transformer blocks of the condition encoder")
-    p.add_argument("--num_heads", type=int, default=1, help="attention heads")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate of the encoder")
     # diffusion
     p.add_argument("--timesteps", type=int, default=2000, help="T, diffusion steps")
     p.add_argument("--beta_start", type=float, default=1e-4, help="beta_1 of the linear schedule")
@@ -157,17 +154,9 @@ def main(argv=None):
     p.add_argument("--w", type=float, default=5.0, help="w, classifier-free guidance strength")
     p.add_argument("--p_uncond", type=float, default=0.1, help="probability that c is replaced by the null vector")
     p.add_argument("--sample_steps", type=int, default=20, help="DDIM steps (T / stride; official stride 100)")
-    # optimization
     p.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate")
     p.add_argument("--weight_decay", type=float, default=0.0, help="AdamW weight decay")
-    p.add_argument("--batch_size", type=int, default=256, help="samples per step")
-    p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=10, help="stop after this many evaluations without a better valid NDCG@20")
-    p.add_argument("--eval_every", type=int, default=1, help="epochs between validations")
-    p.add_argument("--seed", type=int, default=22, help="seed of the initialisation, the batches and the noise")
-    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+    add_loop_args(p)
     args = p.parse_args(argv)
     args.subspace = args.subspace or os.path.join(args.data, "subspace_dreamrec.pt")
     if not 1 <= args.sample_steps <= args.timesteps:

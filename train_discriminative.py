@@ -241,6 +241,21 @@ def run(args):
     fit(args, model, model_args, optimizer, loss_fn, gens, "sasrec", {**vars(args), "device": device, **provenance})
 
 
+def add_loop_args(p):
+    """The encoder and training-loop flags both trainers share."""
+    p.add_argument("--num_blocks", type=int, default=1, help="Transformer blocks of the SASRec encoder")
+    p.add_argument("--num_heads", type=int, default=1, help="attention heads")
+    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate of the encoder")
+    p.add_argument("--batch_size", type=int, default=256, help="samples per step")
+    p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
+    p.add_argument("--patience", type=int, default=10, help="stop after this many evaluations without a better valid NDCG@20")
+    p.add_argument("--eval_every", type=int, default=1, help="epochs between validations")
+    p.add_argument("--seed", type=int, default=22, help="seed of the initialisation, the batch order and the sampling")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (scores for ranking stay float32)")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="prepared dataset folder DATA (prepare.py)")
@@ -256,22 +271,10 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.07, help="tau of the cosine logits")
     p.add_argument("--score", choices=["cosine", "dot"], default="cosine", help="similarity of user state and item in training")
     p.add_argument("--eval_score", choices=["cosine", "dot"], default=None, help="similarity for ranking (default: --score; official code: dot)")
-    # SASRec
     p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec (alphafuse and llminit take d from --subspace)")
-    p.add_argument("--num_blocks", type=int, default=1, help="Transformer blocks")
-    p.add_argument("--num_heads", type=int, default=1, help="attention heads")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
-    # optimization
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--weight_decay", type=float, default=1e-6, help="Adam weight decay")
-    p.add_argument("--batch_size", type=int, default=256, help="samples per step")
-    p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=10, help="stop after this many evaluations without a better valid NDCG@20")
-    p.add_argument("--eval_every", type=int, default=1, help="epochs between validations")
-    p.add_argument("--seed", type=int, default=22, help="seed of the initialisation, the batch order and the negatives")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+    add_loop_args(p)
     args = p.parse_args(argv)
     args.subspace = args.subspace or os.path.join(args.data, "subspace.pt")
     if args.hidden_dim % args.num_heads:

@@ -4,6 +4,7 @@ names the folders tests use. Tests that need the real datasets skip when SHARED_
 Run the suite with:  cd /work/main && python -m pytest -q tests/
 """
 
+import json
 import os
 import subprocess
 import sys
@@ -54,3 +55,35 @@ def assert_clean_error(proc, *names, argparse_ok=False):
         assert message.startswith("error:") and len(message) > len("error: "), message
     assert any(n in message for n in names), f"error line names none of {names}: {message}"
     return message
+
+
+def prepare_toy(root, users=60, items=40, seed=0):
+    """A small DATA folder made by prepare.py from generated RecBole atomic files: each user rates
+    3..11 distinct items in time order. Returns (DATA path, the generator for further draws)."""
+    import numpy as np
+    import prepare
+    src = root / "src"
+    src.mkdir()
+    rng = np.random.default_rng(seed)
+    with open(src / "toy.inter", "w") as f:
+        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
+        for u in range(users):
+            for t, i in enumerate(rng.choice(items, size=rng.integers(3, 12), replace=False)):
+                f.write(f"u{u}\ti{i}\t{1000 + t}\n")
+    with open(src / "toy.item", "w") as f:
+        f.write("item_id:token\ttitle:token_seq\n")
+        f.writelines(f"i{i}\tthing number {i}\n" for i in range(items))
+    out = str(root / "data")
+    prepare.main([str(src), "--out", out])
+    return out, rng
+
+
+def read_log(run):
+    """RUN/log.jsonl as a list of dicts."""
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)

@@ -8,7 +8,6 @@ bad input fails with one clean line.
     cd /work/main && python -m pytest -q tests/test_diffusion.py
 """
 
-import json
 import math
 import os
 
@@ -19,9 +18,8 @@ import torch
 import common
 import decompose
 import evaluate
-import prepare
 import train_diffusion
-from conftest import assert_clean_error, run_script
+from conftest import assert_clean_error, prepare_toy, read_json, read_log, run_script
 
 torch.set_num_threads(1)
 
@@ -199,19 +197,7 @@ def data(tmp_path_factory):
     coordinates have standard deviation 1e-3 (eigenvalues ~0.002 after --scale 40, the first 12 ~1600),
     and subspace_dreamrec.pt from decompose.py --null_thres 0.25 (d = d_l = 24, d_s = d_n = 12)."""
     root = tmp_path_factory.mktemp("diffusion")
-    src = root / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    with open(src / "toy.inter", "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for u in range(60):
-            for t, i in enumerate(rng.choice(40, size=rng.integers(3, 12), replace=False)):
-                f.write(f"u{u}\ti{i}\t{1000 + t}\n")
-    with open(src / "toy.item", "w") as f:
-        f.write("item_id:token\ttitle:token_seq\n")
-        f.writelines(f"i{i}\tthing number {i}\n" for i in range(40))
-    out = str(root / "data")
-    prepare.main([str(src), "--out", out])
+    out, rng = prepare_toy(root)
     n = common.load_meta(out)["num_items"]
     emb = rng.standard_normal((n, 24)) * np.r_[np.ones(12), np.full(12, 1e-3)]
     np.save(os.path.join(out, "lang_emb.npy"), emb.astype(np.float32))
@@ -225,16 +211,6 @@ def train(data, out, *flags, epochs=1):
     """train_diffusion.main in-process; returns RUN as a str."""
     train_diffusion.main([data, "--out", str(out), *SMALL, "--epochs", str(epochs), *map(str, flags)])
     return str(out)
-
-
-def read_log(run):
-    with open(os.path.join(run, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 @pytest.mark.parametrize("item_emb,d", [("alphafuse", 24), ("id", 16)])

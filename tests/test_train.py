@@ -6,7 +6,6 @@ resumable, AlphaFuse's language coordinates stay frozen, bad input fails with on
     cd /work/main && python -m pytest -q tests/test_train.py
 """
 
-import json
 import math
 import os
 import shutil
@@ -18,9 +17,8 @@ import torch
 import common
 import decompose
 import evaluate
-import prepare
 import train_discriminative
-from conftest import assert_clean_error, run_script
+from conftest import assert_clean_error, prepare_toy, read_json, read_log, run_script
 
 torch.set_num_threads(1)
 
@@ -32,19 +30,7 @@ def data(tmp_path_factory):
     """DATA prepared from generated RecBole atomic files, with lang_emb.npy (40, 24) and subspace.pt
     (d = 16, d_s = 8, d_n = 8)."""
     root = tmp_path_factory.mktemp("train")
-    src = root / "src"
-    src.mkdir()
-    rng = np.random.default_rng(0)
-    with open(src / "toy.inter", "w") as f:
-        f.write("user_id:token\titem_id:token\ttimestamp:float\n")
-        for u in range(60):
-            for t, i in enumerate(rng.choice(40, size=rng.integers(3, 12), replace=False)):
-                f.write(f"u{u}\ti{i}\t{1000 + t}\n")
-    with open(src / "toy.item", "w") as f:
-        f.write("item_id:token\ttitle:token_seq\n")
-        f.writelines(f"i{i}\tthing number {i}\n" for i in range(40))
-    out = str(root / "data")
-    prepare.main([str(src), "--out", out])
+    out, rng = prepare_toy(root)
     n = common.load_meta(out)["num_items"]
     np.save(os.path.join(out, "lang_emb.npy"), rng.standard_normal((n, 24)).astype(np.float32))
     decompose.main([out, "--dim", "16", "--null_dim", "8"])
@@ -55,16 +41,6 @@ def train(data, out, *flags, epochs=1):
     """train_discriminative.main in-process; returns RUN as a str."""
     train_discriminative.main([data, "--out", str(out), *SMALL, "--epochs", str(epochs), *map(str, flags)])
     return str(out)
-
-
-def read_log(run):
-    with open(os.path.join(run, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
-def read_json(path):
-    with open(path) as f:
-        return json.load(f)
 
 
 # -----------------------------------------------------------------------------
