@@ -109,10 +109,13 @@ class DreamRec(torch.nn.Module):
             x = math.sqrt(abar_prev) * x0_hat + math.sqrt(1 - abar_prev) * eps_hat
         return x0_hat
 
+    @torch.no_grad()
     def scorer(self, seed=0):
-        """The score function of one evaluation: its own seeded generator for x_T."""
+        """The score function of one evaluation, (B, L) -> (B, N+1): x0_hat . e_i, with its own
+        seeded generator for x_T; the item table is computed once."""
         generator = torch.Generator(device=self.all_items.device).manual_seed(seed)
-        return lambda seq: self.ddim_sample(self.condition(seq), generator) @ self.item_emb(self.all_items).T
+        table = self.item_emb(self.all_items)  # (N+1, d)
+        return lambda seq: self.ddim_sample(self.condition(seq), generator) @ table.T
 
 
 def build_model(model_args, init=None):

@@ -90,11 +90,12 @@ class SASRec(torch.nn.Module):
         out = u @ e.T if e.dim() == 2 else torch.einsum("bd,bmd->bm", u, e)
         return out / self.temperature if score == "cosine" else out
 
-    def score_all(self, seq):  # (B, L) -> (B, N+1), for full ranking
-        return self.logits(self.user_state(seq), self.item_emb(self.all_items), self.eval_score)
-
-    def scorer(self, seed=0):  # the score function evaluation uses; SASRec draws no noise
-        return self.score_all
+    @torch.no_grad()
+    def scorer(self, seed=0):
+        """The score function of one evaluation, (B, L) -> (B, N+1) against every item; the item
+        table is computed once. SASRec draws no noise: the seed is unused."""
+        table = self.item_emb(self.all_items)  # (N+1, d)
+        return lambda seq: self.logits(self.user_state(seq), table, self.eval_score)
 
     def loss(self, seq, target, loss, neg_ratio, generator):
         u = self.user_state(seq)  # (B, d)
