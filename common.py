@@ -1,7 +1,8 @@
 """
-What several stages share: errors for bad input, atomic output, seeding, and the loaders of the
+What several stages truly share: errors for bad input, atomic output, seeding, the loaders of the
 files that prepare.py writes (every loader checks shapes, dtypes and the item count N, and names
-the file when something is wrong).
+the file when something is wrong), the full-ranking metrics, the SASRec encoder, checkpoint I/O,
+and AlphaFuse's fused item embedding with the loader of decompose.py's subspace file.
 
 Files of a prepared dataset folder DATA (item index 0 is padding, real items are 1..N):
     items.jsonl   N lines {"item_id": str, "text": str}; line i describes item i+1
@@ -137,9 +138,10 @@ def load_dataset(data_dir):
 def rank_of_target(scores, target):
     """scores (B, N+1) over item indices (column 0 is padding and never counts), target (B,).
     rank = 1 + #{j != target : score_j >= score_target}: ties count against the model, so a
-    constant scorer ranks every target last."""
+    constant scorer ranks every target last, and so does a NaN score of the target."""
     s_target = scores.gather(1, target[:, None])  # (B, 1)
-    return (scores[:, 1:] >= s_target).sum(1)  # (B,) the target counts itself: the "1 +"
+    rank = (scores[:, 1:] >= s_target).sum(1)  # (B,) the target counts itself: the "1 +"
+    return rank.masked_fill(s_target[:, 0].isnan(), scores.shape[1] - 1)
 
 
 def metrics_at(rank, ks):

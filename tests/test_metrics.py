@@ -293,3 +293,11 @@ def test_encoder_batch_of_one():
         one = enc(emb[1:], seq[1:])
     assert one.shape == (1, 8)
     torch.testing.assert_close(one, both[1:], rtol=0, atol=1e-5)
+
+
+def test_nan_target_score_ranks_last():
+    """A NaN score for the target is never a hit (NaN compares false, which would give rank 0)."""
+    scores = torch.tensor([[0.0, float("nan"), 1.0, 2.0]])
+    rank = common.rank_of_target(scores, torch.tensor([1]))
+    assert rank.tolist() == [3], "a NaN target must rank last (N = 3)"
+    assert common.metrics_at(rank, [2])["HR@2"].tolist() == [0.0]
