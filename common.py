@@ -266,13 +266,15 @@ def save_checkpoint(path, **fields):
         torch.save(fields, f)
 
 
-def load_checkpoint(path, device="cpu"):
+def load_checkpoint(path, device="cpu", what="checkpoint", missing=""):
+    """torch.load(path, weights_only=True); a missing or unreadable file is a DataError naming it
+    (`what` names the kind of file, `missing` adds a hint when it does not exist)."""
     try:
         return torch.load(path, map_location=device, weights_only=True)
     except FileNotFoundError:
-        raise DataError(f"{path}: checkpoint not found") from None
+        raise DataError(f"{path}: {what} not found{missing}") from None
     except Exception as e:  # torch raises several kinds for truncated or foreign files
-        raise DataError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
+        raise DataError(f"{path}: not a readable {what} ({type(e).__name__})") from None
 
 
 # ---- the fused item embedding (AlphaFuse)
@@ -283,12 +285,7 @@ SUBSPACE_KEYS = ("mean", "eigenvalues", "basis", "lang_emb", "d_s", "d_n")
 def load_subspace(path, num_items=None):
     """decompose.py's output -> dict, checked: lang_emb float (N+1, d) with a zero padding row 0 and
     finite values, d = d_s + d_n, and N = num_items when given (from meta.json)."""
-    try:
-        sub = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found (run decompose.py first)") from None
-    except Exception as e:  # torch raises several kinds for truncated or foreign files
-        raise DataError(f"{path}: not a subspace file of decompose.py ({type(e).__name__})") from None
+    sub = load_checkpoint(path, what="subspace file of decompose.py", missing=" (run decompose.py first)")
     if not isinstance(sub, dict) or any(k not in sub for k in SUBSPACE_KEYS):
         raise DataError(f"{path}: not a subspace file of decompose.py (keys {', '.join(SUBSPACE_KEYS)})")
     lang, d_s, d_n = sub["lang_emb"], sub["d_s"], sub["d_n"]
