@@ -2,8 +2,8 @@
 # The whole pipeline on MovieLens-100K, from nothing to a comparison table:
 #   bash run.sh
 # creates .venv and installs the requirements, prepares ml-100k (GroupLens download, else the copy
-# in the RecBole wheel), starts the local embedding server, embeds the item texts, stops the server
-# (also on failure or Ctrl-C), decomposes, trains SASRec with AlphaFuse and with ID embeddings and
+# in the RecBole wheel), embeds the item texts with the local embedding server (embed_local.sh, which
+# stops it also on failure or Ctrl-C), decomposes, trains SASRec with AlphaFuse and with ID embeddings and
 # DreamRec with AlphaFuse, evaluates the popularity recommender, and prints the test metrics.
 # A rerun skips every stage whose output exists (delete data/ml100k or runs/ml100k to redo).
 # Short schedules keep it near 10 minutes on 2 CPU cores: figures for a quick look, not the paper's.
@@ -21,20 +21,7 @@ fi
 
 [ -f $DATA/meta.json ] || $PY prepare.py ml-100k --out $DATA
 
-if [ ! -f $DATA/lang_emb.npy ]; then
-    log=$(mktemp)
-    $PY serve_embeddings.py --port 0 > "$log" 2>&1 &
-    server=$!
-    trap 'kill $server 2>/dev/null || true; rm -f "$log"' EXIT
-    for _ in $(seq 120); do  # the model takes a few seconds to load
-        grep -q "listening on" "$log" && break
-        kill -0 $server 2>/dev/null || { cat "$log"; exit 1; }
-        sleep 1
-    done
-    url=$(grep -o "http://[^ ]*" "$log" | head -n 1)
-    $PY embed.py $DATA --base_url "$url"
-    kill $server
-fi
+[ -f $DATA/lang_emb.npy ] || PY=$PY bash embed_local.sh $DATA
 
 [ -f $DATA/subspace.pt ] || $PY decompose.py $DATA
 [ -f $DATA/subspace_dreamrec.pt ] || $PY decompose.py $DATA --null_thres 0.25 --out $DATA/subspace_dreamrec.pt
