@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# The README's results tables, from ../shared/data to docs/results.md and the plots:
+#   bash reproduce.sh                                  # the full protocol (a GPU's work: see README)
+#   JOBS=2 EPOCHS=5 DIFF_EPOCHS=2 DIFF_LR=1e-3 bash reproduce.sh     # the short CPU schedule
+# For each dataset (amazon-toys and amazon-beauty with --split user, ml-1m with --split loo):
+# prepare, embed with the local server (embed_local.sh), decompose (d = 128, d_n = 64 for SASRec;
+# d = d_l, tau = 0.25 for DreamRec), then SEEDS x (SASRec with every --item_emb, DreamRec with
+# alphafuse and id) and the popularity recommender. On ABLATE (default amazon-toys) also the paper's
+# ablations of AlphaFuse-SASRec: w/o Stand (decompose --no_standardize), w/o Clip (d = d_l, the
+# same d_n = 64) and w/o Frozen (--train_lang). Last, report.py writes docs/results.md and the plots.
+# Runs in pieces: a run with RUN/metrics.json is skipped and an interrupted one resumes from
+# RUN/last.pt, so a killed or partial reproduction continues where it stopped. Use a new OUT for
+# a new schedule. Runs are queued dataset by dataset, seed by seed; JOBS of them at a time, each
+# with nproc / JOBS threads. Every setting below is an environment variable.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+SHARED=${SHARED:-../shared/data}  # the sources: SHARED/NAME, prepared into DATA_ROOT/NAME
+DATA_ROOT=${DATA_ROOT:-data}
+DOCS=${DOCS:-docs}                # results.md, spectrum_NAME.png, curves_NAME.png
+DATASETS=${DATASETS:-"amazon-toys amazon-beauty ml-1m"}
+SEEDS=${SEEDS:-"0 1 2"}
+SASREC=${SASREC:-"alphafuse id llminit morec whitenrec"}
+DREAMREC=${DREAMREC:-"alphafuse id"}
+ABLATE=${ABLATE:-amazon-toys}
+EPOCHS=${EPOCHS:-100}            # SASRec, with early stopping after PATIENCE validations
+PATIENCE=${PATIENCE:-10}
+DIFF_EPOCHS=${DIFF_EPOCHS:-100}  # DreamRec
+DIFF_LR=${DIFF_LR:-1e-5}         # the official DreamRec learning rate
+JOBS=${JOBS:-1}
+OUT=${OUT:-runs/repro}
+mkdir -p $DOCS
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
+
+for name in $DATASETS; do
+    data=$DATA_ROOT/$name
+    case $name in
+        ml-1m) split=loo ;;
+        *) split=user ;;
+    esac
+    [ -f $data/meta.json ] || $PY prepare.py $SHARED/$name --out $data --split $split --seed 0
+    [ -f $data/lang_emb.npy ] || PY=$PY bash embed_local.sh $data
+    [ -f $data/subspace.pt ] || $PY decompose.py $data --plot $DOCS/spectrum_$name.png
+    [ -f $data/subspace_dreamrec.pt ] || $PY decompose.py $data --null_thres 0.25 --out $data/subspace_dreamrec.pt
+    [ -f $OUT/$name/popularity/metrics.json ] || \
+        { mkdir -p $OUT/$name/popularity && $PY evaluate.py --popularity --data $data --out $OUT/$name/popularity/metrics.json; }
+    if [ "$name" = "$ABLATE" ]; then
+        d_l=$($PY -c "import numpy, sys; print(numpy.load(sys.argv[1], mmap_mode='r').shape[1])" $data/lang_emb.npy)
+        [ -f $data/subspace_nostand.pt ] || $PY decompose.py $data --no_standardize --out $data/subspace_nostand.pt
+        [ -f $data/subspace_noclip.pt ] || $PY decompose.py $data --dim $d_l --null_dim 64 --out $data/subspace_noclip.pt
+    fi
+done
+
+queue() {  # RUN SCRIPT ARGS...: print the command line of one run, unless RUN is finished
+    local run=$1 resume=""
+    shift
+    [ -f $run/metrics.json ] && return
+    [ -f $run/last.pt ] && resume=--resume
+    echo "mkdir -p $run && $PY $* --out $run $resume >> $run/train.log 2>&1 || { echo failed: $run/train.log; exit 1; }"
+}
+
+status=0
+for name in $DATASETS; do
+    data=$DATA_ROOT/$name runs=$OUT/$name
+    for seed in $SEEDS; do
+        for emb in $SASREC; do
+            queue $runs/sasrec_${emb}_s$seed train_discriminative.py $data --item_emb $emb --seed $seed \
+                --epochs $EPOCHS --patience $PATIENCE
+        done
+        for emb in $DREAMREC; do
+            queue $runs/dreamrec_${emb}_s$seed train_diffusion.py $data --item_emb $emb --seed $seed \
+                --epochs $DIFF_EPOCHS --patience $PATIENCE --lr $DIFF_LR
+        done
+        if [ "$name" = "$ABLATE" ]; then
+            common="train_discriminative.py $data --seed $seed --epochs $EPOCHS --patience $PATIENCE"
+            queue $runs/ablation_nostand_s$seed $common --subspace $data/subspace_nostand.pt
+            queue $runs/ablation_noclip_s$seed $common --subspace $data/subspace_noclip.pt
+            queue $runs/ablation_nofrozen_s$seed $common --train_lang
+        fi
+    done
+done | xargs -d '\n' -n 1 -P "$JOBS" bash -c || status=$?
+
+$PY report.py $OUT --out $DOCS/results.md --plots $DOCS
+exit $status

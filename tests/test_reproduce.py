@@ -1,0 +1,162 @@
+"""reproduce.sh end to end on a tiny generated dataset (60 users, 40 items, the real local embedding
+server), and report.py's tables: every method and ablation runs for 2 seeds, the table cells are
+the mean and sample standard deviation of the runs' metrics.json, a rerun skips finished runs,
+an interrupted run resumes, a failing run fails the script, bad input fails with one clean line.
+
+    cd /work/main && python -m pytest -q tests/test_reproduce.py
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import report
+from conftest import REPO, assert_clean_error, prepare_toy, read_json, read_log, run_script
+
+MAIN_ROWS = ["Popularity", "SASRec (ID)", "LLMInit", "MoRec", "WhitenRec", "AlphaFuse (SASRec)",
+             "DreamRec (ID)", "AlphaFuse (DreamRec)"]
+RUNS = ["sasrec_alphafuse", "sasrec_id", "sasrec_llminit", "sasrec_morec", "sasrec_whitenrec",
+        "dreamrec_alphafuse", "dreamrec_id", "ablation_nostand", "ablation_noclip", "ablation_nofrozen"]
+
+
+def reproduce(root, **settings):
+    """bash reproduce.sh with everything under `root`; returns the CompletedProcess."""
+    env = dict(os.environ, PY=sys.executable, SHARED=str(root / "shared"), DATA_ROOT=str(root / "data"),
+               OUT=str(root / "runs"), DOCS=str(root / "docs"), DATASETS="toy", ABLATE="toy", SEEDS="0 1",
+               EPOCHS="2", DIFF_EPOCHS="1", DIFF_LR="1e-3", JOBS="2")
+    env.update(settings)
+    return subprocess.run(["bash", os.path.join(REPO, "reproduce.sh")], env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def rows(text):
+    """Markdown table rows of report.py's output -> {label: [cells]} per table, in order."""
+    tables, current = [], None
+    for line in text.splitlines():
+        if line.startswith("| method"):
+            current = {}
+            tables.append(current)
+        elif line.startswith("| ") and current is not None:
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            current[cells[0]] = cells[1:]
+    return tables
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory):
+    """One reproduce.sh run over the toy dataset, 2 seeds, 2 epochs (DreamRec 1)."""
+    root = tmp_path_factory.mktemp("repro")
+    prepare_toy(root)
+    (root / "shared").mkdir()
+    os.rename(root / "src", root / "shared" / "toy")
+    shutil.rmtree(root / "data")  # prepare_toy's own output: reproduce.sh prepares it again
+    proc = reproduce(root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root, proc
+
+
+def test_every_run_finishes_with_its_schedule(repro):
+    root, _ = repro
+    runs = root / "runs" / "toy"
+    assert sorted(os.listdir(runs)) == sorted(["popularity"] + [f"{r}_s{s}" for r in RUNS for s in (0, 1)])
+    for name in os.listdir(runs):
+        assert os.path.isfile(runs / name / "metrics.json"), name
+        if name != "popularity":
+            epochs = 1 if name.startswith("dreamrec") else 2
+            assert [r["epoch"] for r in read_log(runs / name)] == list(range(1, epochs + 1)), name
+    for name in ("subspace.pt", "subspace_dreamrec.pt", "subspace_nostand.pt", "subspace_noclip.pt"):
+        assert os.path.isfile(root / "data" / "toy" / name), name
+
+
+def test_ablations_get_their_subspaces(repro):
+    """w/o Clip keeps all d_l = 384 directions with the same d_n = 64; w/o Frozen trains the
+    language coordinates; w/o Stand reads the unstandardized subspace."""
+    import torch
+    root, _ = repro
+    runs = root / "runs" / "toy"
+
+    def config(name):
+        return torch.load(runs / name / "ckpt.pt", weights_only=True)
+
+    noclip = config("ablation_noclip_s0")
+    assert noclip["model_args"]["d"] == 384 and noclip["model_args"]["d_s"] == 320
+    assert config("sasrec_alphafuse_s0")["model_args"]["d"] == 128
+    assert config("ablation_nofrozen_s0")["model_args"]["train_lang"] is True
+    assert config("ablation_nostand_s0")["config"]["subspace"].endswith("subspace_nostand.pt")
+
+
+def test_table_cells_are_mean_and_std_over_seeds(repro):
+    root, proc = repro
+    text = (root / "docs" / "results.md").read_text()
+    assert text in proc.stdout
+    main, ablations = rows(text)
+    assert list(main) == MAIN_ROWS
+    assert list(ablations) == ["AlphaFuse (SASRec)", "w/o Stand", "w/o Clip (d = d_l)", "w/o Frozen"]
+    for label, run in [("AlphaFuse (SASRec)", "sasrec_alphafuse"), ("DreamRec (ID)", "dreamrec_id")]:
+        m = [read_json(root / "runs" / "toy" / f"{run}_s{s}" / "metrics.json")["test"]["all"] for s in (0, 1)]
+        v = np.array([x["NDCG@20"] for x in m])
+        assert main[label][0] == "2"
+        assert main[label][4] == f"{v.mean():.4f} ± {v.std(ddof=1):.4f}"
+        logs = [read_log(root / "runs" / "toy" / f"{run}_s{s}") for s in (0, 1)]
+        best = [1 + int(np.argmax([r["valid"]["NDCG@20"] for r in log])) for log in logs]
+        assert main[label][7] == ", ".join(map(str, best))
+    pop = read_json(root / "runs" / "toy" / "popularity" / "metrics.json")["test"]["all"]
+    assert main["Popularity"][:2] == ["1", f"{pop['HR@10']:.4f}"] and main["Popularity"][7:] == ["-", "-", "-"]
+    for name in ("spectrum_toy.png", "curves_toy.png"):
+        assert (root / "docs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(repro):
+    """With one run's metrics.json gone and EPOCHS=3, only that run trains again: it resumes from
+    last.pt at epoch 2 and adds epoch 3; every other run is left as it was."""
+    root, _ = repro
+    runs = root / "runs" / "toy"
+    before = {n: (runs / n / "metrics.json").read_bytes() for n in os.listdir(runs)}
+    os.remove(runs / "sasrec_id_s1" / "metrics.json")
+    proc = reproduce(root, EPOCHS="3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed" in (runs / "sasrec_id_s1" / "train.log").read_text()
+    assert [r["epoch"] for r in read_log(runs / "sasrec_id_s1")] == [1, 2, 3]
+    for name, data in before.items():
+        if name != "sasrec_id_s1":
+            assert (runs / name / "metrics.json").read_bytes() == data, f"{name} ran again"
+
+
+def test_a_failing_run_fails_the_script(repro):
+    root, _ = repro
+    proc = reproduce(root, SASREC="nonsense", DREAMREC="", ABLATE="none", OUT=str(root / "runs_bad"))
+    assert proc.returncode != 0
+    assert f"failed: {root}/runs_bad/toy/sasrec_nonsense_s0/train.log" in proc.stdout
+
+
+# -----------------------------------------------------------------------------
+# report.py alone
+
+
+def test_mean_std_hand_cases():
+    assert report.mean_std([0.1, 0.3]) == "0.2000 ± 0.1414"
+    assert report.mean_std([0.25]) == "0.2500"
+    assert report.mean_std([None, 0.5, 0.7]) == "0.6000 ± 0.1414"
+    assert report.mean_std([None]) == "-"
+
+
+def test_report_missing_folder(tmp_path):
+    assert_clean_error(run_script("report.py", tmp_path / "nope"), "nope")
+
+
+def test_report_no_finished_runs(tmp_path):
+    (tmp_path / "toy" / "sasrec_id_s0").mkdir(parents=True)
+    (tmp_path / "toy" / "sasrec_id_s0" / "log.jsonl").write_text('{"epoch": 1}\n')
+    assert_clean_error(run_script("report.py", tmp_path), str(tmp_path))
+
+
+def test_report_corrupt_metrics(tmp_path):
+    (tmp_path / "toy" / "sasrec_id_s0").mkdir(parents=True)
+    (tmp_path / "toy" / "sasrec_id_s0" / "metrics.json").write_text('{"valid": {}}')
+    proc = run_script("report.py", tmp_path, "--out", tmp_path / "results.md")
+    assert_clean_error(proc, "metrics.json")
+    assert not (tmp_path / "results.md").exists()
