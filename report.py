@@ -112,6 +112,7 @@ def plot_curves(path, methods, title):
                         ls="--" if method.startswith("ablation") else "-")
         ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
     ax.set(xlabel="epoch", ylabel="validation NDCG@20", title=title)
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     with common.atomic_open(path, "wb") as f:
@@ -131,7 +132,7 @@ def run(args):
         parts.append(f"### {dataset}\n\n{table(methods, MAIN + sorted(set(methods) - set(LABELS)))}\n")
         if any(m.startswith("ablation") for m in methods):
             parts.append(f"### {dataset}, ablations of AlphaFuse (SASRec)\n\n{table(methods, ABLATIONS)}\n")
-        if args.plots:
+        if args.plots and any(r["log"] for runs in methods.values() for r in runs):  # not popularity alone
             plot_curves(os.path.join(args.plots, f"curves_{dataset}.png"), methods, f"{dataset}: validation NDCG@20")
     if not parts:
         raise DataError(f"{args.runs}: no finished runs (DATASET/METHOD_sSEED/metrics.json)")
