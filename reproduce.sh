@@ -11,7 +11,7 @@
 # Runs in pieces: a run with RUN/metrics.json is skipped and an interrupted one resumes from
 # RUN/last.pt, so a killed or partial reproduction continues where it stopped. Use a new OUT for
 # a new schedule. Runs are queued dataset by dataset, seed by seed; JOBS of them at a time, each
-# with nproc / JOBS threads. Every setting below is an environment variable.
+# with nproc / JOBS threads. Every setting below is an environment variable (SASREC="" runs no SASRec).
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
@@ -20,9 +20,9 @@ DATA_ROOT=${DATA_ROOT:-data}
 DOCS=${DOCS:-docs}                # results.md, spectrum_NAME.png, curves_NAME.png
 DATASETS=${DATASETS:-"amazon-toys amazon-beauty ml-1m"}
 SEEDS=${SEEDS:-"0 1 2"}
-SASREC=${SASREC:-"alphafuse id llminit morec whitenrec"}
-DREAMREC=${DREAMREC:-"alphafuse id"}
-ABLATE=${ABLATE:-amazon-toys}
+SASREC=${SASREC-"alphafuse id llminit morec whitenrec"}
+DREAMREC=${DREAMREC-"alphafuse id"}
+ABLATE=${ABLATE-amazon-toys}
 EPOCHS=${EPOCHS:-100}            # SASRec, with early stopping after PATIENCE validations
 PATIENCE=${PATIENCE:-10}
 DIFF_EPOCHS=${DIFF_EPOCHS:-100}  # DreamRec
