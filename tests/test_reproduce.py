@@ -131,7 +131,8 @@ def test_a_failing_run_fails_the_script(repro):
     proc = reproduce(root, SASREC="nonsense", DREAMREC="", ABLATE="none", OUT=str(root / "runs_bad"))
     assert proc.returncode != 0
     assert f"failed: {root}/runs_bad/toy/sasrec_nonsense_s0/train.log" in proc.stdout
-    assert sorted(os.listdir(root / "runs_bad" / "toy")) == ["popularity", "sasrec_nonsense_s0"]  # "" = none
+    # DREAMREC="" and ABLATE="none" queue nothing: only the failing SASRec runs of both seeds
+    assert sorted(os.listdir(root / "runs_bad" / "toy")) == ["popularity", "sasrec_nonsense_s0", "sasrec_nonsense_s1"]
 
 
 # -----------------------------------------------------------------------------
