@@ -29,6 +29,7 @@ DIFF_EPOCHS=${DIFF_EPOCHS:-100}  # DreamRec
 DIFF_LR=${DIFF_LR:-1e-5}         # the official DreamRec learning rate
 JOBS=${JOBS:-1}
 OUT=${OUT:-runs/repro}
+$PY -c "import matplotlib" 2>/dev/null || { echo "error: $PY has no matplotlib for the plots: $PY -m pip install -r requirements-dev.txt" >&2; exit 1; }
 mkdir -p $DOCS
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
 
