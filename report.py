@@ -49,12 +49,12 @@ def read_log(path):
 
 
 def collect(dataset_dir):
-    """{method: [run, ...]} with run = {seed, metrics (test, by group), log}; finished runs only."""
+    """{method: [run, ...]} with run = {metrics (test, by group), log}; finished runs only."""
     methods = {}
     for name in sorted(os.listdir(dataset_dir)):
         run_dir = os.path.join(dataset_dir, name)
         path = os.path.join(run_dir, "metrics.json")
-        m = re.fullmatch(r"(.+)_s(\d+)", name)
+        m = re.fullmatch(r"(.+)_s\d+", name)  # METHOD_sSEED
         if not os.path.isfile(path) or not (m or name == "popularity"):
             continue
         with open(path) as f:
@@ -62,9 +62,8 @@ def collect(dataset_dir):
                 metrics = json.load(f)["test"]
             except (json.JSONDecodeError, KeyError) as e:
                 raise DataError(f"{path}: not a metrics.json of the test split ({e})")
-        method, seed = (m.group(1), int(m.group(2))) if m else (name, 0)
-        methods.setdefault(method, []).append({"seed": seed, "metrics": metrics,
-                                               "log": read_log(os.path.join(run_dir, "log.jsonl"))})
+        methods.setdefault(m.group(1) if m else name, []).append(
+            {"metrics": metrics, "log": read_log(os.path.join(run_dir, "log.jsonl"))})
     return methods
 
 
