@@ -26,6 +26,7 @@ import torch
 
 import common
 from common import DataError
+from model import full_ranking, load_checkpoint
 
 
 def load_model(ckpt, device):
@@ -48,7 +49,7 @@ def popularity_scorer(meta, device):
 def evaluate(score_all, data_dir, meta, split, ks, device, mask_history=False, sampled=0, seed=0, batch_size=1024):
     arrays = common.load_split(data_dir, split, meta["num_items"], meta["max_len"])
     seq, target = (torch.from_numpy(arrays[k]).to(device) for k in ("seq", "target"))
-    per_sample = common.full_ranking(score_all, seq, target, ks, batch_size, mask_history, sampled, seed)
+    per_sample = full_ranking(score_all, seq, target, ks, batch_size, mask_history, sampled, seed)
     return common.group_means(per_sample, arrays["target"], arrays["user"], meta)
 
 
@@ -64,7 +65,7 @@ def run(args):
     else:
         if not args.ckpt:
             raise DataError("give a checkpoint CKPT, or --popularity --data DATA")
-        ckpt = common.load_checkpoint(args.ckpt, device)
+        ckpt = load_checkpoint(args.ckpt, device)
         if not all(k in ckpt for k in ("model", "model_args", "config")):
             raise DataError(f"{args.ckpt}: not a checkpoint of train_discriminative.py or train_diffusion.py")
         data_dir = args.data or ckpt["config"]["data"]

@@ -6,7 +6,7 @@ AlphaFuse item embeddings or an ID table, then evaluate the best checkpoint once
     python train_diffusion.py data/toys --out runs/toys_dreamrec --subspace data/toys/subspace_dreamrec.pt
     python train_diffusion.py data/toys --out runs/toys_dreamrec_id --item_emb id
 
-The condition c (B, d) is the SASRec encoder's state of the history (common.SASRecEncoder over the
+The condition c (B, d) is the SASRec encoder's state of the history (SASRecEncoder over the
 same item embeddings). The denoiser f(x_t, c, t) predicts x0 with one Linear over
 [x_t, c, MLP(sinusoid(t))] (the official architecture); training minimises ||f - x0||^2 with
 x0 = e_target, t ~ U{0..T-1}, and c replaced by a learned null vector with probability p_uncond.
@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 import common
 from common import DataError
+from model import SASRecEncoder, seed_everything
 from train_discriminative import add_loop_args, fit, item_inputs, make_item_embedding
 
 
@@ -58,7 +59,7 @@ class DreamRec(torch.nn.Module):
         super().__init__()
         self.num_items, self.T, self.w, self.p_uncond, self.sample_steps = num_items, timesteps, w, p_uncond, sample_steps
         self.item_emb = make_item_embedding(item_emb, num_items, d, 0, d_s, id_init, False, False, init)
-        self.encoder = common.SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
+        self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
         self.null_c = torch.nn.Parameter(torch.randn(d) * 0.02)  # the unconditional "condition"
         self.step_mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
         self.denoiser = torch.nn.Linear(3 * d, d)
@@ -124,7 +125,7 @@ def build_model(model_args, init=None):
 
 def run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gens = {"perm": common.seed_everything(args.seed),
+    gens = {"perm": seed_everything(args.seed),
             "noise": torch.Generator(device=device).manual_seed(args.seed + 1)}
     meta = common.load_meta(args.data)
     if args.item_emb == "alphafuse" and not os.path.exists(args.subspace):

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 import common
 import decompose
 from common import DataError
+from model import (FusedItemEmbedding, SASRecEncoder, full_ranking, load_checkpoint, load_subspace,
+                   save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
 # the model
@@ -60,7 +62,7 @@ def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, 
     if item_emb in ("alphafuse", "llminit", "morec", "whitenrec") and init is None:
         init = torch.zeros(num_items + 1, d_in if item_emb in ("morec", "whitenrec") else d)
     if item_emb == "alphafuse":
-        return common.FusedItemEmbedding(init, d_s, id_init, train_lang, id_replace)
+        return FusedItemEmbedding(init, d_s, id_init, train_lang, id_replace)
     if item_emb in ("morec", "whitenrec"):
         return AdapterEmbedding(init, d)
     table = torch.nn.Embedding(num_items + 1, d, padding_idx=0)
@@ -77,7 +79,7 @@ class SASRec(torch.nn.Module):
         super().__init__()
         self.num_items, self.score, self.eval_score, self.temperature = num_items, score, eval_score, temperature
         self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init)
-        self.encoder = common.SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
+        self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
         self.register_buffer("all_items", torch.arange(num_items + 1), persistent=False)
 
     def user_state(self, seq):  # (B, L) -> (B, d)
@@ -123,7 +125,7 @@ def item_inputs(args, meta):
     """The language tensor the item embedding is built on, and the fields that describe it."""
     N = meta["num_items"]
     if args.item_emb in ("alphafuse", "llminit"):
-        sub = common.load_subspace(args.subspace, N)
+        sub = load_subspace(args.subspace, N)
         d = sub["lang_emb"].shape[1]
         if d % args.num_heads:
             raise DataError(f"{args.subspace}: d = {d} is not divisible by --num_heads {args.num_heads}")
@@ -146,7 +148,7 @@ def item_inputs(args, meta):
 
 def validate(model, split, ks=(10, 20), batch_size=1024, seed=0):
     model.eval()
-    m = common.full_ranking(model.scorer(seed), split["seq"], split["target"], ks, batch_size)
+    m = full_ranking(model.scorer(seed), split["seq"], split["target"], ks, batch_size)
     model.train()
     return {k: float(v.mean()) for k, v in m.items()}
 
@@ -167,7 +169,7 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "ckpt.pt")
     epoch, best_val, bad_evals = 0, -1.0, 0
     if args.resume:
-        ck = common.load_checkpoint(last_path, device)
+        ck = load_checkpoint(last_path, device)
         if ck["model_args"] != model_args:
             changed = sorted(k for k in model_args if ck["model_args"].get(k) != model_args[k])
             raise DataError(f"{last_path}: the model settings differ from the checkpoint's ({', '.join(changed)})")
@@ -208,17 +210,17 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
                 "config": config, "epoch": epoch, "best_val": best_val, "bad_evals": bad_evals, "backbone": backbone,
                 "generators": {name: g.get_state() for name, g in gens.items()}}
         if improved:
-            common.save_checkpoint(best_path, **ckpt)
-        common.save_checkpoint(last_path, **ckpt)
+            save_checkpoint(best_path, **ckpt)
+        save_checkpoint(last_path, **ckpt)
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         val = record.get("valid")
         val_text = f" | valid NDCG@20 {val['NDCG@20']:.4f} HR@20 {val['HR@20']:.4f}" if val else ""
         print(f"epoch {epoch:3d} | loss {record['loss']:.4f}{val_text} | {seconds:.1f}s, {n / seconds:,.0f} samples/s")
-    best = common.load_checkpoint(best_path, device)
+    best = load_checkpoint(best_path, device)
     model.load_state_dict(best["model"])
     model.eval()
-    per_sample = common.full_ranking(model.scorer(0), data["test"]["seq"], data["test"]["target"])
+    per_sample = full_ranking(model.scorer(0), data["test"]["seq"], data["test"]["target"])
     results = {"test": common.group_means(per_sample, splits["test"]["target"], splits["test"]["user"], meta)}
     common.write_json(os.path.join(args.out, "metrics.json"), results)
     print(f"best epoch {best['epoch']} (valid NDCG@20 {best['best_val']:.4f}); test, full ranking:")
@@ -227,7 +229,7 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
 
 def run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    gens = {"perm": common.seed_everything(args.seed),
+    gens = {"perm": seed_everything(args.seed),
             "negatives": torch.Generator(device=device).manual_seed(args.seed + 1)}
     meta = common.load_meta(args.data)
     init, dims, provenance = item_inputs(args, meta)

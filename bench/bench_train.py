@@ -40,6 +40,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import common  # noqa: E402
+from model import load_checkpoint  # noqa: E402
 import decompose  # noqa: E402
 import evaluate  # noqa: E402
 import prepare  # noqa: E402
@@ -109,7 +110,7 @@ def bench_backbone(name, trainer, data, subspace, extra, args, tmp):
     _, eval_wall = timed(lambda: call(evaluate.main, [ckpt_path, "--out", os.path.join(run, "bench_metrics.json"),
                                                       "--device", args.device], log), args.device)
     # the ranking alone: the model and the data already loaded, as a trainer's validation has them
-    ckpt = common.load_checkpoint(ckpt_path, args.device)
+    ckpt = load_checkpoint(ckpt_path, args.device)
     model = evaluate.load_model(ckpt, args.device)
     meta = common.load_meta(data)
     results, rank_s = timed(lambda: evaluate.evaluate(model.scorer(0), data, meta, "test", (10, 20), args.device), args.device)

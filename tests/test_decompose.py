@@ -1,5 +1,5 @@
-"""Tests of decompose.py (the semantic space decomposition) and of common.FusedItemEmbedding /
-common.load_subspace (the fused item embedding built from its output).
+"""Tests of decompose.py (the semantic space decomposition) and of FusedItemEmbedding /
+load_subspace (the fused item embedding built from its output).
 
     cd /work/main && python -m pytest -q tests/test_decompose.py
 """
@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import common
+from model import FusedItemEmbedding, load_subspace
 import decompose
 from conftest import assert_clean_error, run_script
 
@@ -156,7 +157,7 @@ def test_fused_embedding_trains_only_the_null_block_and_keeps_padding_zero():
     (only in coordinates d_s..d), and the padding item is still the zero vector."""
     lang = torch.randn(6, 8)
     lang[0] = 0
-    emb = common.FusedItemEmbedding(lang, d_s=5)
+    emb = FusedItemEmbedding(lang, d_s=5)
     before = emb.table().detach().clone()
     train_steps(emb)
     after = emb.table().detach()
@@ -170,7 +171,7 @@ def test_fused_embedding_without_null_block_is_the_language_embedding():
     """d_n = 0 (d_s = d): the fused table is exactly E_lang, and there is nothing to train."""
     lang = torch.randn(6, 8)
     lang[0] = 0
-    emb = common.FusedItemEmbedding(lang, d_s=8)
+    emb = FusedItemEmbedding(lang, d_s=8)
     assert emb.id_emb.shape == (6, 0)
     assert torch.equal(emb.table(), lang) and torch.equal(emb(torch.tensor([[3, 1]])), lang[torch.tensor([[3, 1]])])
 
@@ -180,10 +181,10 @@ def test_fused_embedding_ablations():
     train_lang=True ("w/o Frozen") trains the language coordinates but never the padding row."""
     lang = torch.randn(6, 8)
     lang[0] = 0
-    assert torch.equal(common.FusedItemEmbedding(lang, 5, id_init="zeros").table(), lang)
-    rep = common.FusedItemEmbedding(lang, 5, replace=True)
+    assert torch.equal(FusedItemEmbedding(lang, 5, id_init="zeros").table(), lang)
+    rep = FusedItemEmbedding(lang, 5, replace=True)
     assert torch.equal(rep.table()[:, 5:], rep.id_emb.detach()) and torch.equal(rep.table()[:, :5], lang[:, :5])
-    free = common.FusedItemEmbedding(lang, 5, train_lang=True)
+    free = FusedItemEmbedding(lang, 5, train_lang=True)
     train_steps(free)
     table = free.table().detach()
     assert not torch.allclose(table[1:, :5], lang[1:, :5]) and not table[0].any()
@@ -196,7 +197,7 @@ def test_fused_embedding_ablations():
 def test_cli_end_to_end(tmp_path):
     """decompose.py on a hand-made DATA folder writes a file that loads with weights_only=True,
     whose lang_emb is (scale * E - mean) @ projection with a zero padding row, whose checksum is the
-    sha256 of lang_emb.npy, and which common.load_subspace and FusedItemEmbedding accept."""
+    sha256 of lang_emb.npy, and which load_subspace and FusedItemEmbedding accept."""
     E, _ = spectrum_matrix(60, 24)
     data = make_data(tmp_path / "data", E.astype(np.float32))
     proc = run_script("decompose.py", data, "--dim", 16, "--null_dim", 4)
@@ -212,8 +213,8 @@ def test_cli_end_to_end(tmp_path):
         assert sub["lang_emb_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert sub["settings"] == {"data": data, "out": None, "scale": 40.0, "weighting": "uniform", "dim": 16,
                                "null_dim": 4, "null_thres": None, "no_standardize": False, "plot": None}
-    loaded = common.load_subspace(os.path.join(data, "subspace.pt"), num_items=60)
-    assert common.FusedItemEmbedding(loaded["lang_emb"], loaded["d_s"]).table().shape == (61, 16)
+    loaded = load_subspace(os.path.join(data, "subspace.pt"), num_items=60)
+    assert FusedItemEmbedding(loaded["lang_emb"], loaded["d_s"]).table().shape == (61, 16)
 
 
 def test_cli_threshold_keeps_all_directions(tmp_path):
@@ -234,16 +235,16 @@ def test_cli_threshold_keeps_all_directions(tmp_path):
 
 
 def test_load_subspace_rejects_bad_files(tmp_path):
-    """common.load_subspace names the file: missing, not a torch file, missing keys, wrong N."""
+    """load_subspace names the file: missing, not a torch file, missing keys, wrong N."""
     good = {"mean": torch.zeros(4), "eigenvalues": torch.ones(4), "basis": torch.eye(4)[:, :3],
             "lang_emb": torch.cat([torch.zeros(1, 3), torch.ones(5, 3)]), "d_s": 2, "d_n": 1}
     torch.save(good, tmp_path / "good.pt")
-    assert common.load_subspace(str(tmp_path / "good.pt"), num_items=5)["d_s"] == 2
+    assert load_subspace(str(tmp_path / "good.pt"), num_items=5)["d_s"] == 2
     (tmp_path / "junk.pt").write_text("not a torch file")
     torch.save({k: v for k, v in good.items() if k != "d_n"}, tmp_path / "keys.pt")
     for name, n in (("missing.pt", None), ("junk.pt", None), ("keys.pt", None), ("good.pt", 6)):
         with pytest.raises(common.DataError, match=name):
-            common.load_subspace(str(tmp_path / name), num_items=n)
+            load_subspace(str(tmp_path / name), num_items=n)
 
 
 def nan_row(E):

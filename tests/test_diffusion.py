@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import common
+from model import load_subspace
 import decompose
 import evaluate
 import train_diffusion
@@ -202,7 +203,7 @@ def data(tmp_path_factory):
     emb = rng.standard_normal((n, 24)) * np.r_[np.ones(12), np.full(12, 1e-3)]
     np.save(os.path.join(out, "lang_emb.npy"), emb.astype(np.float32))
     decompose.main([out, "--null_thres", "0.25", "--out", os.path.join(out, "subspace_dreamrec.pt")])
-    sub = common.load_subspace(os.path.join(out, "subspace_dreamrec.pt"), n)
+    sub = load_subspace(os.path.join(out, "subspace_dreamrec.pt"), n)
     assert (sub["d_s"], sub["d_n"], sub["lang_emb"].shape[1]) == (12, 12, 24)
     return out
 
@@ -229,7 +230,7 @@ def test_smoke_and_reload(data, tmp_path, item_emb, d):
     assert ck["model_args"]["timesteps"] == 50 and ck["model_args"]["sample_steps"] == 5
     train_diffusion.build_model(ck["model_args"]).load_state_dict(ck["model"])  # strict
     if item_emb == "alphafuse":  # the language coordinates stayed frozen
-        sub = common.load_subspace(os.path.join(data, "subspace_dreamrec.pt"))
+        sub = load_subspace(os.path.join(data, "subspace_dreamrec.pt"))
         assert torch.equal(ck["model"]["item_emb.lang"], sub["lang_emb"].float())
     out = str(tmp_path / "again.json")
     evaluate.main([os.path.join(run, "ckpt.pt"), "--out", out, "--device", "cpu"])

@@ -1,5 +1,5 @@
-"""The evaluation protocol on hand-built score matrices (common.rank_of_target, metrics_at,
-full_ranking, group_means, evaluate.py --popularity) and the SASRec encoder (common.SASRecEncoder):
+"""The evaluation protocol on hand-built score matrices (rank_of_target, metrics_at,
+full_ranking, group_means, evaluate.py --popularity) and the SASRec encoder (SASRecEncoder):
 causal, blind to padding, finite for one-item histories, fine with a batch of one.
 
     cd /work/main && python -m pytest -q tests/test_metrics.py
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import common
+from model import SASRecEncoder, full_ranking, metrics_at, rank_of_target
 import evaluate
 
 torch.set_num_threads(1)
@@ -22,8 +23,8 @@ KS = (10, 20)
 
 def ranked(scores, target, ks=KS):
     """scores (B, N+1) as a list or tensor, target list -> (rank (B,), metrics dict)."""
-    rank = common.rank_of_target(torch.as_tensor(scores, dtype=torch.float32), torch.tensor(target))
-    return rank, common.metrics_at(rank, ks)
+    rank = rank_of_target(torch.as_tensor(scores, dtype=torch.float32), torch.tensor(target))
+    return rank, metrics_at(rank, ks)
 
 
 def scores_with_target_at(rank, n=30, target=7):
@@ -109,8 +110,8 @@ def test_mask_history_removes_history_but_keeps_target():
     row[6] = 5.0  # the target, also in the history window
     seq = torch.tensor([[0, 0, 3, 5, 9, 6]])
     target = torch.tensor([6])
-    plain = common.full_ranking(fixed_scorer(row), seq, target, ks=(1, 10))
-    masked = common.full_ranking(fixed_scorer(row), seq, target, ks=(1, 10), mask_history=True)
+    plain = full_ranking(fixed_scorer(row), seq, target, ks=(1, 10))
+    masked = full_ranking(fixed_scorer(row), seq, target, ks=(1, 10), mask_history=True)
     assert plain["MRR@10"].item() == pytest.approx(1 / 4)
     assert masked["HR@1"].item() == 1.0 and masked["MRR@10"].item() == 1.0
 
@@ -137,7 +138,7 @@ def test_sampled_ranks_among_exactly_m_plus_one(M):
     for i in range(len(target)):  # one row per call, so that the scorer puts its target lowest
         s, t = seq[i:i + 1], target[i:i + 1]
         scorer = lambda q, t=t: row.expand(len(q), -1).scatter(1, t[:, None], 0.0)  # (1, N+1)
-        m = common.full_ranking(scorer, s, t, ks=(M, M + 1), sampled=M, seed=i)
+        m = full_ranking(scorer, s, t, ks=(M, M + 1), sampled=M, seed=i)
         assert m[f"HR@{M + 1}"].item() == 1.0, f"row {i}: target beyond rank M + 1, more than M candidates"
         assert m[f"HR@{M}"].item() == 0.0, f"row {i}: target within rank M, fewer than M candidates"
         assert m[f"MRR@{M + 1}"].item() == pytest.approx(1 / (M + 1))
@@ -154,7 +155,7 @@ def test_sampled_never_draws_history_target_or_padding():
             row = torch.full((n + 1,), -1.0)
             row[s[0]] = 100.0  # the history window and padding (index 0)
             row[t] = 0.0
-            m = common.full_ranking(fixed_scorer(row), s, t, ks=(1,), sampled=M, seed=i)
+            m = full_ranking(fixed_scorer(row), s, t, ks=(1,), sampled=M, seed=i)
             assert m["HR@1"].item() == 1.0, f"row {i}, M = {M}: a history item or padding was sampled"
 
 
@@ -163,7 +164,7 @@ def test_sampled_is_reproducible_with_the_same_seed():
     n = 40
     seq, target = sampled_case(n, rows=60)
     row = torch.cat([torch.zeros(1), torch.randn(n, generator=torch.Generator().manual_seed(0))])
-    run = lambda seed: common.full_ranking(fixed_scorer(row), seq, target, ks=(5, 10), sampled=10, seed=seed)
+    run = lambda seed: full_ranking(fixed_scorer(row), seq, target, ks=(5, 10), sampled=10, seed=seed)
     a, b, c = run(7), run(7), run(8)
     for k in a:
         assert torch.equal(a[k], b[k]), k
@@ -220,7 +221,7 @@ def test_popularity_recommender_ranks_most_popular_first(tmp_path):
 
 def encoder(train=False, d=8, L=6, blocks=2, heads=2):
     torch.manual_seed(0)
-    enc = common.SASRecEncoder(d, L, num_blocks=blocks, num_heads=heads, dropout=0.2)
+    enc = SASRecEncoder(d, L, num_blocks=blocks, num_heads=heads, dropout=0.2)
     return enc.train(train)
 
 
@@ -298,6 +299,6 @@ def test_encoder_batch_of_one():
 def test_nan_target_score_ranks_last():
     """A NaN score for the target is never a hit (NaN compares false, which would give rank 0)."""
     scores = torch.tensor([[0.0, float("nan"), 1.0, 2.0]])
-    rank = common.rank_of_target(scores, torch.tensor([1]))
+    rank = rank_of_target(scores, torch.tensor([1]))
     assert rank.tolist() == [3], "a NaN target must rank last (N = 3)"
-    assert common.metrics_at(rank, [2])["HR@2"].tolist() == [0.0]
+    assert metrics_at(rank, [2])["HR@2"].tolist() == [0.0]

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import common
+from model import load_subspace
 import decompose
 import evaluate
 import train_discriminative
@@ -119,7 +120,7 @@ def test_language_coordinates_stay_frozen(alphafuse_run, data):
     """After training, AlphaFuse's language buffer equals decompose.py's lang_emb exactly, while the
     ID block (initialised to zeros) has moved; its padding row stays zero."""
     model = torch.load(os.path.join(alphafuse_run, "last.pt"), weights_only=True)["model"]
-    sub = common.load_subspace(os.path.join(data, "subspace.pt"))
+    sub = load_subspace(os.path.join(data, "subspace.pt"))
     assert torch.equal(model["item_emb.lang"], sub["lang_emb"].float())
     id_emb = model["item_emb.id_emb"]  # (N+1, d_n)
     assert id_emb.shape == (len(sub["lang_emb"]), sub["d_n"])

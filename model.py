@@ -1,0 +1,198 @@
+"""
+The torch side that the trainers and evaluate.py share: seeding, the full-ranking metrics, the
+SASRec encoder, checkpoint I/O, and AlphaFuse's fused item embedding with the loader of
+decompose.py's subspace file. (common.py holds what needs no torch.)
+"""
+
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common import DataError, atomic_open
+
+
+def seed_everything(seed):
+    """Seed Python, NumPy and torch; returns a torch.Generator for DataLoaders and samplers."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+# -----------------------------------------------------------------------------
+# full-ranking metrics, shared by the trainers and evaluate.py
+
+def rank_of_target(scores, target):
+    """scores (B, N+1) over item indices (column 0 is padding and never counts), target (B,).
+    rank = 1 + #{j != target : score_j >= score_target}: ties count against the model, so a
+    constant scorer ranks every target last, and so does a NaN score of the target."""
+    s_target = scores.gather(1, target[:, None])  # (B, 1)
+    rank = (scores[:, 1:] >= s_target).sum(1)  # (B,) the target counts itself: the "1 +"
+    return rank.masked_fill(s_target[:, 0].isnan(), scores.shape[1] - 1)
+
+
+def metrics_at(rank, ks):
+    """rank (B,) -> {"HR@K", "NDCG@K", "MRR@K"}: per-sample float tensors, 0 beyond K."""
+    out = {}
+    for k in ks:
+        hit = (rank <= k).float()
+        out[f"HR@{k}"] = hit
+        out[f"NDCG@{k}"] = hit / torch.log2(rank.float() + 1)
+        out[f"MRR@{k}"] = hit / rank.float()
+    return out
+
+
+@torch.no_grad()
+def full_ranking(score_all, seq, target, ks=(10, 20), batch_size=1024, mask_history=False, sampled=0, seed=0):
+    """Per-sample metrics of ranking every target against all N items (or, with `sampled` > 0,
+    against that many items drawn uniformly, seeded, from those outside the history window).
+    score_all(seq (B, L)) -> scores (B, N+1); seq (n, L), target (n,) on the model's device.
+    mask_history: the history's items (other than the target) can't be recommended."""
+    g = torch.Generator(device=seq.device).manual_seed(seed)
+    out = []
+    for i in range(0, len(target), batch_size):
+        s, t = seq[i:i + batch_size], target[i:i + batch_size, None]  # (B, L), (B, 1)
+        scores = score_all(s).float()  # (B, N+1)
+        if mask_history:
+            s_target = scores.gather(1, t)
+            scores = scores.scatter(1, s, float("-inf")).scatter(1, t, s_target)
+        if sampled:
+            keys = torch.rand(scores.shape, generator=g, device=scores.device)
+            keys[:, 0] = 2.0  # never sample the padding, the history or the target
+            keys = keys.scatter(1, s, 2.0).scatter(1, t, 2.0)
+            keep = torch.zeros_like(scores, dtype=torch.bool)
+            keep = keep.scatter(1, keys.topk(sampled, largest=False).indices, True).scatter(1, t, True)
+            scores = scores.masked_fill(~keep, float("-inf"))
+        out.append(metrics_at(rank_of_target(scores, t[:, 0]), ks))
+    return {k: torch.cat([o[k] for o in out]).cpu() for k in out[0]}
+
+
+# -----------------------------------------------------------------------------
+# the SASRec encoder: item sequence -> user state, shared by both backbones
+
+class TransformerBlock(torch.nn.Module):
+    """Post-LN self-attention block of SASRec (Kang & McAuley 2018): the normalized input is the
+    query and the residual, keys and values are the raw sequence."""
+
+    def __init__(self, d, num_heads, dropout):
+        super().__init__()
+        self.num_heads, self.dropout = num_heads, dropout
+        self.ln_q, self.ln_ffn = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.q, self.kv, self.proj = torch.nn.Linear(d, d), torch.nn.Linear(d, 2 * d), torch.nn.Linear(d, d)
+        self.ffn = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU(), torch.nn.Dropout(dropout),
+                                       torch.nn.Linear(d, d), torch.nn.Dropout(dropout))
+
+    def forward(self, x, attn_mask):  # x (B, L, d), attn_mask (B, 1, L, L) True = may attend
+        B, L, d = x.shape
+        h = self.num_heads
+        q_in = self.ln_q(x)
+        q = self.q(q_in).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, d/h)
+        k, v = self.kv(x).view(B, L, 2, h, d // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, L, d/h)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        x = q_in + self.proj(y.transpose(1, 2).reshape(B, L, d))
+        x = self.ln_ffn(x)
+        return x + self.ffn(x)
+
+
+class SASRecEncoder(torch.nn.Module):
+    """item_emb(seq) + learned positions -> causal Transformer -> state of the last position."""
+
+    def __init__(self, d, max_len, num_blocks=1, num_heads=1, dropout=0.1):
+        super().__init__()
+        self.pos = torch.nn.Embedding(max_len, d)
+        self.drop = torch.nn.Dropout(dropout)
+        self.blocks = torch.nn.ModuleList(TransformerBlock(d, num_heads, dropout) for _ in range(num_blocks))
+        self.ln_f = torch.nn.LayerNorm(d)
+
+    def forward(self, seq_emb, seq):  # seq_emb (B, L, d) embedded items, seq (B, L) indices, 0 = padding
+        B, L, _ = seq_emb.shape
+        real = seq > 0  # (B, L)
+        x = self.drop(seq_emb + self.pos.weight[:L]) * real[..., None]
+        causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
+        # a query may see earlier real items and always itself, so no row is fully masked (no NaN)
+        attn_mask = causal & (real[:, None, :] | torch.eye(L, dtype=torch.bool, device=seq.device))
+        for block in self.blocks:
+            x = block(x, attn_mask[:, None]) * real[..., None]
+        return self.ln_f(x[:, -1])  # (B, d): sequences are left-padded, the last position is the newest
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: plain types and tensors only, loadable with weights_only=True
+
+def save_checkpoint(path, **fields):
+    with atomic_open(path) as f:
+        torch.save(fields, f)
+
+
+def load_checkpoint(path, device="cpu", what="checkpoint", missing=""):
+    """torch.load(path, weights_only=True); a missing or unreadable file is a DataError naming it
+    (`what` names the kind of file, `missing` adds a hint when it does not exist)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise DataError(f"{path}: {what} not found{missing}") from None
+    except Exception as e:  # torch raises several kinds for truncated or foreign files
+        raise DataError(f"{path}: not a readable {what} ({type(e).__name__})") from None
+
+
+# ---- the fused item embedding (AlphaFuse)
+
+SUBSPACE_KEYS = ("mean", "eigenvalues", "basis", "lang_emb", "d_s", "d_n")
+
+
+def load_subspace(path, num_items=None):
+    """decompose.py's output -> dict, checked: lang_emb float (N+1, d) with a zero padding row 0 and
+    finite values, d = d_s + d_n, and N = num_items when given (from meta.json)."""
+    sub = load_checkpoint(path, what="subspace file of decompose.py", missing=" (run decompose.py first)")
+    if not isinstance(sub, dict) or any(k not in sub for k in SUBSPACE_KEYS):
+        raise DataError(f"{path}: not a subspace file of decompose.py (keys {', '.join(SUBSPACE_KEYS)})")
+    lang, d_s, d_n = sub["lang_emb"], sub["d_s"], sub["d_n"]
+    if not (torch.is_tensor(lang) and lang.dim() == 2 and lang.is_floating_point() and lang.shape[1] > 0):
+        raise DataError(f"{path}: lang_emb must be a 2-D float tensor (N+1, d)")
+    if not (isinstance(d_s, int) and isinstance(d_n, int) and d_s >= 0 and d_n >= 0 and d_s + d_n == lang.shape[1]):
+        raise DataError(f"{path}: d_s = {d_s} and d_n = {d_n} do not add up to d = {lang.shape[1]}")
+    if num_items is not None and lang.shape[0] != num_items + 1:
+        raise DataError(f"{path}: lang_emb has {lang.shape[0]} rows, expected N + 1 = {num_items + 1}")
+    if torch.count_nonzero(lang[0]) or not torch.isfinite(lang).all():
+        raise DataError(f"{path}: lang_emb has a non-zero padding row 0 or non-finite values")
+    return sub
+
+
+class FusedItemEmbedding(torch.nn.Module):
+    """AlphaFuse's item embeddings e_i = E_lang[i] + [0_{d_s}, ID_i], a table (N+1, d), item 0 = padding.
+
+    E_lang (decompose.py's lang_emb) is a frozen buffer; ID (N+1, d_n) is trainable and only touches
+    the null coordinates d_s..d. Row 0 of both is zero and never gets a gradient (padding_idx), so
+    the padding item stays the zero vector. d_n = 0 gives the pure language embeddings.
+    Ablations: train_lang=True makes E_lang a parameter initialised from it (the paper's
+    "w/o Frozen"); replace=True uses e_i = [E_lang[i, :d_s], ID_i] instead of the sum.
+    """
+
+    def __init__(self, lang_emb, d_s, id_init="normal", train_lang=False, replace=False):
+        super().__init__()
+        if id_init not in ("normal", "zeros"):
+            raise ValueError(f"id_init must be 'normal' or 'zeros', got {id_init!r}")
+        n1, d = lang_emb.shape  # (N+1, d)
+        self.d_s, self.replace = d_s, replace
+        lang = lang_emb.detach().to(torch.float32).clone()
+        lang[0] = 0
+        if train_lang:
+            self.lang = torch.nn.Parameter(lang)
+        else:
+            self.register_buffer("lang", lang)
+        self.id_emb = torch.nn.Parameter(torch.zeros(n1, d - d_s))  # (N+1, d_n)
+        if id_init == "normal":
+            with torch.no_grad():
+                self.id_emb[1:].normal_()
+
+    def forward(self, idx):  # idx (...) item indices -> (..., d)
+        lang = F.embedding(idx, self.lang, padding_idx=0)  # (..., d)
+        ids = F.embedding(idx, self.id_emb, padding_idx=0)  # (..., d_n)
+        null = ids if self.replace else lang[..., self.d_s:] + ids  # slice at d_s: d_n = 0 works
+        return torch.cat([lang[..., :self.d_s], null], dim=-1)
+
+    def table(self):  # (N+1, d): every item's fused embedding, to score all items
+        return self.forward(torch.arange(self.lang.shape[0], device=self.lang.device))
