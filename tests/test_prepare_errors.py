@@ -143,14 +143,18 @@ def test_corrupt_zip(tmp_path):
 
 
 def test_existing_output_needs_overwrite(tmp_path):
-    """An existing --out folder is left untouched without --overwrite and replaced with it."""
+    """An existing --out folder is left untouched without --overwrite, and with it too unless
+    prepare.py wrote it (its meta.json); one that prepare.py wrote is replaced."""
     src = recbole_folder(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "stale.txt").write_text("old")
-    proc = run_script("prepare.py", src, "--out", out)
-    assert_clean_error(proc, str(out), "--overwrite")
-    assert os.listdir(out) == ["stale.txt"]
+    for flags in ([], ["--overwrite"]):
+        proc = run_script("prepare.py", src, "--out", out, *flags)
+        assert_clean_error(proc, str(out), "--overwrite")
+        assert os.listdir(out) == ["stale.txt"]
+    (out / "meta.json").write_text('{"source": "x", "format": "recbole", "split": "user", '
+                                   '"num_items": 2, "num_samples": {}}')
     proc = run_script("prepare.py", src, "--out", out, "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out)) == ["items.jsonl", "meta.json", "test.npz", "train.npz", "valid.npz"]
