@@ -11,19 +11,23 @@ Writes DATA/lang_emb.npy   float32 (N, d_l): row i embeds line i of items.jsonl 
        DATA/lang_emb.json  model, dimension d_l, base_url (no credentials), num_items, texts_sha256
                            (hex sha256 of Python's json.dumps(texts), ASCII-escaped)
        DATA/lang_emb.cache append-only records (magic, sha256 of [model, dimensions, text], d, crc32,
-                           d float32): a repeated or interrupted run requests only the texts it lacks;
-                           a torn last record (kill -9 mid-write) fails its length or crc32 check and
-                           is cut off. Delete it to re-embed from scratch.
+                           d float32), created with the first vector: a repeated or interrupted run
+                           requests only the batches it lacks (batches are fixed by item order, so the
+                           output is byte-identical); a torn last record (kill -9 mid-write) fails its
+                           length or crc32 check and is cut off. Delete it to re-embed from scratch.
 The key is read from the environment variable --api_key_env (sent as a Bearer token when set) and is
-never printed or written. Progress (texts/s, ETA) and retries go to stderr; a summary line to stdout.
+never printed or written; nor are the ?query of --base_url (sent) or user:password@ (refused).
+Progress (texts/s, ETA) and retries go to stderr; a summary line to stdout.
 """
 
 import argparse
 import base64
 import hashlib
 import json
+import math
 import os
 import random
+import re
 import struct
 import sys
 import threading
@@ -38,6 +42,7 @@ import requests
 from common import DataError, atomic_open, read_items, write_json
 
 RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx; any other 4xx is the caller's fault: fail at once
+BUSY_STATUS = {429, 503, 504}  # like a timeout, a sign of an overloaded server: send fewer requests at once
 RECORD = struct.Struct("<4s32sII")  # magic, key = sha256([model, dimensions, text]), d, crc32(key, d, vector)
 MAGIC = b"AFE1"
 
@@ -132,23 +137,71 @@ def retry_after(r):
         return None
 
 
+class Limiter:
+    """At most `limit` requests in flight, adapted as TCP adapts to a network (AIMD): a timeout, 429,
+    503 or 504 halves it (down to 1), so an overloaded server's queue drains instead of timing out
+    every request in it; a success adds 1/limit, up to --workers. It starts at 1: the first batch
+    goes alone, so a bad key or model costs one request, and its answer fixes d for the rest."""
+
+    def __init__(self, most):
+        self.most, self.limit, self.in_flight = most, 1.0, 0
+        self.cond, self.stop = threading.Condition(), threading.Event()
+
+    def acquire(self):
+        """Wait for a free slot; False if stopped meanwhile."""
+        with self.cond:
+            self.cond.wait_for(lambda: self.stop.is_set() or self.in_flight < int(self.limit))
+            if self.stop.is_set():
+                return False
+            self.in_flight += 1
+            return True
+
+    def release(self, outcome):
+        with self.cond:
+            self.in_flight -= 1
+            if outcome == "busy":
+                self.limit = max(1.0, self.limit / 2)
+            elif outcome == "ok":
+                self.limit = min(self.most, self.limit + 1 / int(self.limit))
+            elif outcome == "fatal":  # no other worker may send another request with a bad key
+                self.stop.set()
+            self.cond.notify_all()
+
+    def halt(self):  # on failure or Ctrl-C: waiting and retrying workers give up, queued batches are dropped
+        with self.cond:
+            self.stop.set()
+            self.cond.notify_all()
+
+
 class Endpoint:
-    """POST batches of texts to {base_url}/embeddings with retries; safe to call from many threads."""
+    """POST batches of texts to {base_url}/embeddings?{query} with retries; safe to call from many threads."""
 
     def __init__(self, args, api_key):
-        p = urllib.parse.urlsplit(args.base_url)
-        self.url = urllib.parse.urlunsplit(p._replace(path=p.path.rstrip("/") + "/embeddings"))
+        query = urllib.parse.urlsplit(args.base_url).query  # sent (Azure needs ?api-version=), never printed
         self.name = public_url(args.base_url) + "/embeddings"
+        self.url = self.name + (f"?{query}" if query else "")
         self.args, self.api_key = args, api_key
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self.local, self.stop = threading.local(), threading.Event()
+        # what a server may echo into its messages: the key, and the query values as written and decoded
+        values = [part.partition("=")[2] for part in query.split("&")]
+        secrets = {api_key, *values, *map(urllib.parse.unquote_plus, values)} - {""}
+        self.secrets = sorted(secrets, key=len, reverse=True)
+        self.limiter, self.local = Limiter(args.workers), threading.local()
         self.dim = None  # every response must have the d of the first one
 
-    def redact(self, msg):  # servers may echo the key in their messages
-        return msg.replace(self.api_key, "[api key]") if self.api_key else msg
+    def auth(self, r):
+        """Passed to requests explicitly, so that it never sends HTTP Basic auth from ~/.netrc instead."""
+        if self.api_key:
+            r.headers["Authorization"] = f"Bearer {self.api_key}"
+        return r
+
+    def redact(self, msg):
+        for secret in self.secrets:
+            msg = msg.replace(secret, "[redacted]")
+        return msg
 
     def embed(self, texts):
-        """texts -> (B, d) float32, retrying 429/5xx/timeouts/dropped connections/malformed bodies."""
+        """texts -> (B, d) float32, retrying 429/5xx/timeouts/dropped connections/malformed bodies;
+        None if stopped because another batch failed for good (its error is the one to report)."""
         args = self.args
         payload = {"model": args.model, "input": texts, "encoding_format": args.encoding_format}
         if args.dimensions:  # text-embedding-3 (and Matryoshka models on vLLM) shorten their vectors
@@ -156,83 +209,98 @@ class Endpoint:
         if not hasattr(self.local, "session"):
             self.local.session = requests.Session()  # one per thread: keep-alive, no sharing
         for attempt in range(args.max_retries + 1):
-            wait = None
+            wait, outcome = None, None
+            if not self.limiter.acquire():
+                return None
             try:
-                r = self.local.session.post(self.url, json=payload, headers=self.headers, timeout=args.timeout)
+                r = self.local.session.post(self.url, json=payload, auth=self.auth, timeout=args.timeout)
                 if 200 <= r.status_code < 300:
                     E = parse_embeddings(r.json(), len(texts))
                     if self.dim not in (None, E.shape[1]):
                         raise ValueError(f"dimension {E.shape[1]}, expected {self.dim}")
+                    # no race: until the first success the limit is 1, so this answer is the only one
+                    self.dim, outcome = E.shape[1], "ok"
                     return E
-                problem, wait = f"HTTP {r.status_code}: {server_message(r)}", retry_after(r)
+                problem, wait = f"HTTP {r.status_code}: {self.redact(server_message(r))}", retry_after(r)
+                outcome = "busy" if r.status_code in BUSY_STATUS else None
                 if r.status_code not in RETRY_STATUS and r.status_code < 500:
-                    raise EndpointError(self.redact(f"{self.name}: {problem}"))
+                    outcome = "fatal"
+                    raise EndpointError(f"{self.name}: {problem}")
             except requests.RequestException as e:  # timeouts, refused or dropped connections
                 reason = getattr(e.args[0], "reason", None) if e.args else None  # urllib3's, without "Max retries"
-                problem = f"{type(e).__name__}: {reason or e}"[:300]
+                if isinstance(getattr(reason, "__cause__", None), ConnectionRefusedError) and self.dim is None:
+                    raise EndpointError(f"{self.name}: connection refused; is the server running? "  # at the start: no retry helps
+                                        "(start the local one with: python serve_embeddings.py)") from None
+                problem = self.redact(f"{type(e).__name__}: {reason or e}")[:300]
+                outcome = "busy" if isinstance(e, requests.Timeout) else None
             except ValueError as e:  # invalid JSON or a response that fails validation
-                problem = f"malformed response: {e}"[:300]
-            if attempt == args.max_retries or self.stop.is_set():
-                raise EndpointError(self.redact(f"{self.name}: giving up after {attempt + 1} attempts: {problem}"))
+                problem = self.redact(f"malformed response: {e}")[:300]
+            finally:
+                self.limiter.release(outcome)
+            if attempt == args.max_retries:
+                raise EndpointError(f"{self.name}: giving up after {attempt + 1} attempts: {problem}")
             if wait is None:  # exponential backoff with jitter, so parallel workers do not retry in step
                 wait = min(args.backoff_max, args.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
-            print(self.redact(f"warning: {problem}; retry {attempt + 1}/{args.max_retries} in {wait:.2f}s"),
+            print(f"warning: {problem}; retry {attempt + 1}/{args.max_retries} in {wait:.2f}s",
                   file=sys.stderr, flush=True)
-            if self.stop.wait(wait):
-                raise EndpointError("stopped")
+            if self.limiter.stop.wait(wait):
+                return None
 
 
 # -----------------------------------------------------------------------------
 
-def embed_batches(endpoint, batches, workers):
-    """Yield (batch, E) as batches complete: the first alone (a bad key or model costs one request,
-    and its answer fixes d for the rest), then the others with `workers` requests in flight."""
-    if not batches:
-        return
-    E = endpoint.embed([t for _, t in batches[0]])
-    endpoint.dim = E.shape[1]
-    yield batches[0], E
-    pool = ThreadPoolExecutor(workers)
-    try:
-        futures = {pool.submit(endpoint.embed, [t for _, t in b]): b for b in batches[1:]}
-        for future in as_completed(futures):
-            yield futures[future], future.result()
-    finally:
-        endpoint.stop.set()  # on failure or Ctrl-C: workers stop retrying, queued batches are dropped
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def embed_items(args):
+def embed_items(args, api_key):
     items = read_items(args.data)
     texts = [item["text"] for item in items]
     keys = [cache_key(args.model, args.dimensions, t) for t in texts]
     cache_path = os.path.join(args.data, "lang_emb.cache")
     vectors, valid = load_cache(cache_path, set(keys))
-    todo = list({k: t for k, t in zip(keys, texts) if k not in vectors}.items())  # identical texts once
-    batches = [todo[i:i + args.batch_size] for i in range(0, len(todo), args.batch_size)]
-    endpoint = Endpoint(args, os.environ.get(args.api_key_env, "").strip())
-    print(f"{len(texts)} items, {len(set(keys))} distinct texts, {len(set(keys)) - len(todo)} cached; "
-          f"requesting {len(todo)} in {len(batches)} batches from {endpoint.name} (model {args.model})",
-          file=sys.stderr, flush=True)
+    # Batches are a pure function of item order (the distinct texts, cut every --batch_size), and a
+    # batch that lacks any text is requested whole: real models' floats depend on what else is in
+    # the batch, so a resumed run gets the same bytes as an uninterrupted one.
+    distinct = list(dict(zip(keys, texts)).items())  # identical texts once, in item order
+    batches = [distinct[i:i + args.batch_size] for i in range(0, len(distinct), args.batch_size)]
+    todo = [b for b in batches if any(k not in vectors for k, _ in b)]
+    total = sum(map(len, todo))
+    endpoint = Endpoint(args, api_key)
+    plan = (f"{len(texts)} items, {len(distinct)} distinct texts, {len(vectors)} cached; requesting {total} "
+            f"in {len(todo)} batches from {endpoint.name} (model {args.model})")
 
     expected = args.dimensions or (len(next(iter(vectors.values()))) if vectors else None)
-    if batches and os.path.exists(cache_path) and os.path.getsize(cache_path) > valid:
+    if todo and os.path.exists(cache_path) and os.path.getsize(cache_path) > valid:
         os.truncate(cache_path, valid)  # cut a torn tail off so that new records follow valid ones
-    t0, done, shown = time.time(), 0, 0.0
-    with open(cache_path, "ab") as cache:
-        for batch, E in embed_batches(endpoint, batches, args.workers):
+    t0, done, shown, cache = time.time(), 0, 0.0, None
+    pool = ThreadPoolExecutor(args.workers)  # the limiter decides how many of them send at once
+    futures = {pool.submit(endpoint.embed, [t for _, t in b]): b for b in todo}
+    try:
+        for future in as_completed(futures):
+            batch, E = futures[future], future.result()
+            if E is None:
+                continue
             if expected not in (None, E.shape[1]):
                 raise EndpointError(f"{endpoint.name} returns {E.shape[1]}-d vectors, expected {expected} "
                                     f"(--dimensions, or the cached vectors: delete {cache_path} if the model changed)")
+            new = [(k, e) for (k, _), e in zip(batch, E) if k not in vectors]
+            if cache is None:  # created with the first vector: a run that fails before leaves no empty file
+                cache = open(cache_path, "ab")
             # whole records, written by this thread only, and in the OS after flush: kill -9 loses nothing stored
-            cache.write(b"".join(encode_record(k, e) for (k, _), e in zip(batch, E)))
+            cache.write(b"".join(encode_record(k, e) for k, e in new))
             cache.flush()
-            vectors.update((k, e) for (k, _), e in zip(batch, E))
+            vectors.update(new)
+            if not done:  # printed once the server has answered: a run that fails at once prints one line
+                print(plan, file=sys.stderr, flush=True)
             done += len(batch)
-            if time.time() - shown > 1.0 or done == len(todo):
+            if time.time() - shown > 1.0 or done == total:
                 shown, rate = time.time(), done / (time.time() - t0)
-                print(f"embedded {done}/{len(todo)}  {rate:.1f} texts/s  ETA {(len(todo) - done) / rate:.0f}s",
+                print(f"embedded {done}/{total}  {rate:.1f} texts/s  ETA {(total - done) / rate:.0f}s",
                       file=sys.stderr, flush=True)
+    finally:
+        endpoint.limiter.halt()
+        pool.shutdown(wait=False, cancel_futures=True)
+        if cache is not None:
+            cache.close()
+    if not todo:
+        print(plan, file=sys.stderr, flush=True)
 
     E = [vectors[k] for k in keys]
     if len({len(e) for e in E}) != 1:
@@ -247,30 +315,55 @@ def embed_items(args):
     print(f"wrote {os.path.join(args.data, 'lang_emb.npy')} {E.shape[0]} x {E.shape[1]} float32")
 
 
+def check_args(parser, args):
+    """Mistakes that no retry can fix stop here, before any request; no message echoes the URL or key."""
+    if min(args.batch_size, args.workers, args.max_retries + 1, 1 if args.dimensions is None else args.dimensions) < 1:
+        parser.error("--batch_size, --workers and --dimensions must be >= 1, --max_retries >= 0")
+    if not 0 < args.timeout < math.inf:
+        parser.error("--timeout must be a number of seconds > 0")
+    if not (0 <= args.backoff_base < math.inf and 0 <= args.backoff_max < math.inf):
+        parser.error("--backoff_base and --backoff_max must be numbers of seconds >= 0")
+    try:
+        url = urllib.parse.urlsplit(args.base_url)
+        ok = url.scheme in ("http", "https") and url.hostname and (url.port or 0) >= 0  # .port checks the digits
+    except ValueError:
+        ok = False
+    if not ok:
+        parser.error("--base_url must be http:// or https:// and a host, e.g. http://127.0.0.1:8080/v1")
+    if "@" in url.netloc:  # requests would send it as HTTP Basic auth, and servers echo that back
+        parser.error("--base_url must not hold user:password@; put the key in the variable named by --api_key_env")
+    key = os.environ.get(args.api_key_env, "").strip()
+    if key and not re.fullmatch(r"[!-~]+", key):  # what an HTTP header carries; requests' error would print it
+        sys.exit(f"error: environment variable {args.api_key_env}: the API key has a space, control or "
+                 "non-ASCII character, so it cannot be sent in an HTTP header (the key is not shown)")
+    return key
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data", help="prepared dataset folder holding items.jsonl")
     # endpoint
-    parser.add_argument("--base_url", default="http://127.0.0.1:8080/v1", help="OpenAI-compatible API root; {base_url}/embeddings is POSTed (default: serve_embeddings.py)")
+    parser.add_argument("--base_url", default="http://127.0.0.1:8080/v1", help="OpenAI-compatible API root, http(s)://host[:port]/path[?query]; {path}/embeddings?{query} is POSTed; the query is sent but never printed (default: serve_embeddings.py)")
     parser.add_argument("--model", default="all-MiniLM-L6-v2", help="embedding model name the server knows (e.g. text-embedding-3-large)")
     parser.add_argument("--api_key_env", default="OPENAI_API_KEY", help="environment variable holding the API key (Bearer token; none sent if unset)")
     parser.add_argument("--dimensions", type=int, default=None, help="ask for d_l-dimensional vectors (text-embedding-3 and Matryoshka models only)")
     parser.add_argument("--encoding_format", default="base64", choices=["base64", "float"], help="wire format of the vectors (base64 is exact float32 and smaller)")
     # throughput
     parser.add_argument("--batch_size", type=int, default=32, help="texts per request (TEI allows 32 by default, OpenAI 2048)")
-    parser.add_argument("--workers", type=int, default=4, help="requests in flight at once")
+    parser.add_argument("--workers", type=int, default=4, help="most requests in flight at once; a timeout, 429, 503 or 504 halves that for a while")
     # failures
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a response before retrying")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for a response (including the time queued in the server) before retrying")
     parser.add_argument("--max_retries", type=int, default=8, help="retries per batch on 429, 5xx, timeouts, dropped connections, malformed responses")
     parser.add_argument("--backoff_base", type=float, default=1.0, help="first retry delay in seconds, doubled each retry, with jitter (tests use small values)")
     parser.add_argument("--backoff_max", type=float, default=60.0, help="longest retry delay in seconds (a server's Retry-After is honoured as given)")
     args = parser.parse_args(argv)
-    if args.batch_size < 1 or args.workers < 1 or args.max_retries < 0:
-        parser.error("--batch_size and --workers must be >= 1, --max_retries >= 0")
+    api_key = check_args(parser, args)
     try:
-        embed_items(args)
+        embed_items(args, api_key)
     except (DataError, EndpointError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # e.g. a folder named lang_emb.cache, or DATA not writable
+        sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
     except KeyboardInterrupt:
         sys.exit("interrupted: what was embedded is in the cache, rerun to finish")
 

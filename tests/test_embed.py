@@ -74,6 +74,7 @@ class FakeHandler(BaseHTTPRequestHandler):
             srv.inputs.append(req["input"])
             srv.payloads.append(req)
             srv.auth.append(self.headers.get("Authorization"))
+            srv.paths.append(self.path)
             srv.times.append(time.monotonic())
             n, fault = len(srv.inputs), srv.faults.pop(0) if srv.faults else srv.always
         if srv.hang_after is not None and n > srv.hang_after:
@@ -83,8 +84,9 @@ class FakeHandler(BaseHTTPRequestHandler):
         if fault == "drop":
             self.close_connection = True  # close without a response
             return
-        if fault in ("401", "500", "429"):
-            message = f"Incorrect API key provided: {self.headers.get('Authorization')}" if fault == "401" else "boom"
+        if fault in ("401", "404", "500", "429"):
+            message = {"401": f"Incorrect API key provided: {self.headers.get('Authorization')}",
+                       "404": f"no route POST {self.path}"}.get(fault, "boom")  # servers echo what they got
             body = json.dumps({"error": {"message": message, "type": "error", "code": fault}}).encode()
             self.reply(int(fault), body, [("Retry-After", "1")] if fault == "429" else [])
             return
@@ -113,7 +115,7 @@ def fake_server():
     def start(faults=(), always=None, hang_after=None, dim=8, reverse=False, ignore_format=False, userinfo=""):
         srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
         srv.lock, srv.release = threading.Lock(), threading.Event()
-        srv.inputs, srv.payloads, srv.auth, srv.times = [], [], [], []
+        srv.inputs, srv.payloads, srv.auth, srv.times, srv.paths = [], [], [], [], []
         srv.faults, srv.always, srv.hang_after, srv.dim = list(faults), always, hang_after, dim
         srv.reverse, srv.ignore_format = reverse, ignore_format
         threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -237,20 +239,21 @@ def test_401_fails_at_once_without_output_or_leaking_the_key(tmp_path, fake_serv
     assert KEY not in out + err
 
 
-def test_the_key_and_url_credentials_are_never_written(tmp_path, fake_server, monkeypatch, capfd):
-    """With retries printing warnings, neither the key nor a password in the URL appears on
-    stdout, stderr or in any file under DATA; lang_emb.json records the URL without them."""
+def test_the_key_and_url_query_are_sent_but_never_written(tmp_path, fake_server, monkeypatch, capfd):
+    """With retries printing warnings and a server echoing the key, neither the key nor a secret in
+    the URL's query appears on stdout, stderr or in any file under DATA; every request carries the
+    query; lang_emb.json records the URL without it."""
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
-    srv, url = fake_server(faults=["500", "drop", "401"], userinfo="user:hunter2pw@")
+    srv, url = fake_server(faults=["500", "drop", "401"])
     data = make_data(tmp_path)
     with pytest.raises(SystemExit):
         embed.main([str(data), "--base_url", url + "?key=" + KEY] + FAST)
     embed.main([str(data), "--base_url", url + "?key=" + KEY] + FAST)
     out, err = capfd.readouterr()
-    assert "warning" in err and KEY not in out + err and "hunter2pw" not in out + err
+    assert "warning" in err and KEY not in out + err
+    assert set(srv.paths) == {"/v1/embeddings?key=" + KEY}
     for name in os.listdir(data):
-        content = (data / name).read_bytes()
-        assert KEY.encode() not in content and b"hunter2pw" not in content, name
+        assert KEY.encode() not in (data / name).read_bytes(), name
     assert outputs(data)[1]["base_url"] == f"http://127.0.0.1:{srv.server_address[1]}/v1"
 
 
