@@ -6,7 +6,7 @@ standardized, frozen language coordinates E_lang.
 
     python decompose.py DATA                                  # SASRec setting: d = 128, d_n = 64
     python decompose.py DATA --null_thres 0.25 --out DATA/subspace_dreamrec.pt   # DreamRec: d = d_l
-    python decompose.py DATA --plot docs/spectrum.png         # also draw the spectrum
+    python decompose.py DATA --plot docs/spectrum.png         # also draw the spectrum (both files or neither)
 
 Reads  DATA/lang_emb.npy float (N, d_l), row i = item i+1; DATA/items.jsonl (to check N);
        DATA/meta.json (only for --weighting popularity).
@@ -189,8 +189,8 @@ def spectrum_report(s, d, d_s, d_n, null_thres):
     return lines
 
 
-def plot_spectrum(path, s, d_s, d, null_thres, title):
-    """The eigenvalues on a log scale with d_s, d and tau marked (matplotlib only when asked)."""
+def plot_spectrum(f, s, d_s, d, null_thres, title):
+    """The eigenvalues on a log scale with d_s, d and tau marked, as PNG into the open file f (matplotlib only when asked)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -207,9 +207,19 @@ def plot_spectrum(path, s, d_s, d, null_thres, title):
     ax.set(xlabel="direction j (eigenvalues descending)", ylabel="$s_j$ (log)", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with common.atomic_open(path, "wb") as f:
-        fig.savefig(f, format="png")
+    fig.savefig(f, format="png")
     plt.close(fig)
+
+
+def write_outputs(out, result, plot=None, plot_args=()):
+    """The .pt (and the PNG with --plot) written last and together: both go to temporary names,
+    then both are renamed, so a failure leaves neither (not a plot without its subspace file)."""
+    with common.atomic_outputs(*filter(None, (out, plot))) as tmps:
+        with open(tmps[0], "wb") as f:
+            torch.save(result, f)
+        if plot:
+            with open(tmps[1], "wb") as f:
+                plot_spectrum(f, *plot_args)
 
 
 # -----------------------------------------------------------------------------
@@ -234,14 +244,14 @@ def check_flags(args):
 
 
 def popularity_weights(data_dir, n):
-    """p_i proportional to the training popularity of item i (meta.json), checked."""
+    """p_i proportional to the training popularity of item i (meta.json, checked by load_meta)."""
     path = os.path.join(data_dir, "meta.json")
     meta = common.load_meta(data_dir)
     if meta["num_items"] != n:
         raise DataError(f"{path}: num_items {meta['num_items']}, but lang_emb.npy has {n} rows")
     pop = np.asarray(meta["item_popularity"][1:], dtype=np.float64)
-    if not np.isfinite(pop).all() or (pop < 0).any() or (pop > 0).sum() < 2:
-        raise DataError(f"{path}: item_popularity must be >= 0 with at least 2 popular items")
+    if (pop > 0).sum() < 2:
+        raise DataError(f"{path}: item_popularity must have at least 2 popular items")
     return pop
 
 
@@ -272,8 +282,7 @@ def main(argv=None):
             raise DataError(f"{path}: --dim {dim} is larger than d_l = {d_l}")
         p = popularity_weights(args.data, n) if args.weighting == "popularity" else None
         for target in filter(None, (out, args.plot)):
-            if not os.path.isdir(os.path.dirname(os.path.abspath(target))):
-                raise DataError(f"{target}: its folder does not exist")
+            common.check_output(target)
         print(f"{path}: N = {n} items, d_l = {d_l}, scale {args.scale:g}, {args.weighting} weights")
 
         mean, Sigma = weighted_covariance(emb, p, args.scale, path=path)
@@ -290,14 +299,8 @@ def main(argv=None):
                   "basis": torch.from_numpy(U[:, :dim].copy()), "projection": torch.from_numpy(V),
                   "lang_emb": torch.from_numpy(lang_emb), "d_s": d_s, "d_n": d_n, "num_items": n,
                   "d_l": d_l, "settings": settings, "lang_emb_sha256": file_sha256(path)}
-        try:
-            if args.plot:
-                plot_spectrum(args.plot, s, d_s, dim, args.null_thres,
-                              f"{os.path.basename(os.path.abspath(args.data))}: N = {n}, d_l = {d_l}")
-            with common.atomic_open(out, "wb") as f:
-                torch.save(result, f)
-        except OSError as e:
-            raise DataError(f"{out}: cannot write ({e.strerror})") from None
+        title = f"{os.path.basename(os.path.abspath(args.data))}: N = {n}, d_l = {d_l}"
+        write_outputs(out, result, args.plot, (s, d_s, dim, args.null_thres, title))
     except DataError as e:
         sys.exit(f"error: {e}")
     print(f"wrote {out}: lang_emb {tuple(lang_emb.shape)} float32, d_s = {d_s}, d_n = {d_n}"
