@@ -16,6 +16,8 @@ rank = 1 + #{j != target : score_j >= score_target} (ties count against the mode
 HR@K = [rank <= K], NDCG@K = [rank <= K] / log2(rank + 1), MRR@K = [rank <= K] / rank.
 --mask_history removes the items of the sample's history window (except the target) from the
 ranking; --sampled M ranks the target against M items drawn (seeded) from outside that window.
+Bad flags, a checkpoint that does not fit DATA (N, L, its own weights) or a split with user indices
+outside meta.json's users fail before the ranking with one `error:` line; FILE is written last.
 """
 
 import argparse
@@ -29,15 +31,55 @@ from common import DataError
 from model import full_ranking, load_checkpoint
 
 
-def load_model(ckpt, device):
-    """Rebuild the model from the checkpoint's model_args and load its weights."""
+def check_checkpoint(ckpt, path):
+    """A trainer checkpoint: a dict with model (weights), model_args (dict), config (dict)."""
+    if (not isinstance(ckpt, dict) or not all(k in ckpt for k in ("model", "model_args", "config"))
+            or not isinstance(ckpt["model_args"], dict) or not isinstance(ckpt["config"], dict)):
+        raise DataError(f"{path}: not a checkpoint of train_discriminative.py or train_diffusion.py")
+
+
+def load_model(ckpt, device, path="checkpoint"):
+    """Rebuild the model from the checkpoint's model_args and load its weights (strict). A failure
+    means model_args and weights do not belong together: one line naming the checkpoint `path`."""
     if ckpt.get("backbone") == "dreamrec":
         from train_diffusion import build_model
     else:
         from train_discriminative import build_model
-    model = build_model(ckpt["model_args"]).to(device)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model = build_model(ckpt["model_args"]).to(device)
+        model.load_state_dict(ckpt["model"])
+    except Exception as e:  # TypeError, KeyError, RuntimeError, ... from files of unknown origin
+        detail = " ".join(str(e).split())[:300]  # load_state_dict's message spans lines
+        raise DataError(f"{path}: its model_args do not fit its weights ({type(e).__name__}: {detail})") from None
     return model.eval()
+
+
+def parse_ks(parser, text):
+    """--ks '10,20' -> [10, 20]: integers >= 1, in the order given, without repeats."""
+    try:
+        ks = [int(k) for k in text.split(",")]
+    except ValueError:
+        parser.error(f"--ks {text!r}: expected comma-separated integers such as 10,20")
+    if min(ks) < 1:
+        parser.error(f"--ks {text!r}: every cut-off K must be at least 1")
+    return list(dict.fromkeys(ks))
+
+
+def check_device(parser, name):
+    """--device: cpu, cuda or cuda:N that this machine has (default: cuda when available)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name}: not a device name (cpu, cuda, cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
 
 
 def popularity_scorer(meta, device):
@@ -47,40 +89,49 @@ def popularity_scorer(meta, device):
 
 
 def evaluate(score_all, data_dir, meta, split, ks, device, mask_history=False, sampled=0, seed=0, batch_size=1024):
-    arrays = common.load_split(data_dir, split, meta["num_items"], meta["max_len"])
+    arrays = common.load_split(data_dir, split, meta["num_items"], meta["max_len"], len(meta["user_history_len"]))
     seq, target = (torch.from_numpy(arrays[k]).to(device) for k in ("seq", "target"))
     per_sample = full_ranking(score_all, seq, target, ks, batch_size, mask_history, sampled, seed)
     return common.group_means(per_sample, arrays["target"], arrays["user"], meta)
 
 
-def run(args):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    ks = [int(k) for k in args.ks.split(",")]
+def load_trained(args):
+    """CKPT -> (scorer, DATA, meta.json), the checkpoint checked against DATA: the same N and L."""
+    ckpt = load_checkpoint(args.ckpt, args.device)
+    check_checkpoint(ckpt, args.ckpt)
+    data_dir = args.data or ckpt["config"].get("data")
+    if not isinstance(data_dir, str):
+        raise DataError(f"{args.ckpt}: its config names no dataset folder; give --data DATA")
+    meta = common.load_meta(data_dir)
+    for key in ("num_items", "max_len"):  # a longer or shorter window would not fail, only mislead
+        if meta[key] != ckpt["model_args"].get(key):
+            raise DataError(f"{os.path.join(data_dir, 'meta.json')}: {key} {meta[key]}, "
+                            f"but the checkpoint {args.ckpt} has {ckpt['model_args'].get(key)}")
+    return load_model(ckpt, args.device, args.ckpt).scorer(args.seed), data_dir, meta
+
+
+def run(args, ks):
     if args.popularity:
         if not args.data:
             raise DataError("--popularity needs --data DATA")
         meta = common.load_meta(args.data)
-        score_all, data_dir = popularity_scorer(meta, device), args.data
+        score_all, data_dir = popularity_scorer(meta, args.device), args.data
         out = args.out or os.path.join(args.data, "popularity.json")
     else:
         if not args.ckpt:
             raise DataError("give a checkpoint CKPT, or --popularity --data DATA")
-        ckpt = load_checkpoint(args.ckpt, device)
-        if not all(k in ckpt for k in ("model", "model_args", "config")):
-            raise DataError(f"{args.ckpt}: not a checkpoint of train_discriminative.py or train_diffusion.py")
-        data_dir = args.data or ckpt["config"]["data"]
-        meta = common.load_meta(data_dir)
-        if meta["num_items"] != ckpt["model_args"]["num_items"]:
-            raise DataError(f"{data_dir}/meta.json: {meta['num_items']} items, the checkpoint has {ckpt['model_args']['num_items']}")
-        model = load_model(ckpt, device)
-        score_all = model.scorer(args.seed)
+        score_all, data_dir, meta = load_trained(args)
         out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "metrics.json")
+    common.check_output(out)  # the inputs first (a missing CKPT is the news), then out, before ranking
     if args.sampled > meta["num_items"] - meta["max_len"] - 1:
         raise DataError(f"--sampled {args.sampled}: only N - L - 1 = {meta['num_items'] - meta['max_len'] - 1} "
                         f"items are sure to lie outside a history window")
-    results = {args.split: evaluate(score_all, data_dir, meta, args.split, ks, device,
+    results = {args.split: evaluate(score_all, data_dir, meta, args.split, ks, args.device,
                                     args.mask_history, args.sampled, args.seed, args.batch_size)}
-    common.write_json(out, results)
+    try:
+        common.write_json(out, results)
+    except OSError as e:
+        raise DataError(f"{out}: cannot write ({e.strerror})") from None
     protocol = f"sampled ({args.sampled} negatives)" if args.sampled else "full ranking"
     print(f"{args.split}, {protocol}{', history masked' if args.mask_history else ''}:")
     print(common.format_table(results))
@@ -93,16 +144,22 @@ def main(argv=None):
     p.add_argument("--data", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
     p.add_argument("--popularity", action="store_true", help="evaluate the popularity recommender on --data instead")
     p.add_argument("--split", choices=["test", "valid"], default="test", help="which samples to rank")
-    p.add_argument("--ks", default="10,20", help="cut-offs K of HR@K, NDCG@K, MRR@K, comma-separated")
+    p.add_argument("--ks", default="10,20", help="cut-offs K >= 1 of HR@K, NDCG@K, MRR@K, comma-separated")
     p.add_argument("--mask_history", action="store_true", help="never recommend the history's items")
     p.add_argument("--sampled", type=int, default=0, help="rank against this many sampled items (LLM-ESR: 100; 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives and of diffusion sampling")
     p.add_argument("--batch_size", type=int, default=1024, help="samples scored at once")
     p.add_argument("--out", default=None, help="output JSON (default: metrics.json beside CKPT)")
-    p.add_argument("--device", default=None, help="cpu, cuda (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     args = p.parse_args(argv)
+    ks = parse_ks(p, args.ks)
+    if args.batch_size < 1:
+        p.error(f"--batch_size {args.batch_size}: must be at least 1")
+    if args.sampled < 0:
+        p.error(f"--sampled {args.sampled}: must be >= 0 (0 ranks against all items)")
+    args.device = check_device(p, args.device)
     try:
-        run(args)
+        run(args, ks)
     except DataError as e:
         sys.exit(f"error: {e}")
 
