@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import common
 from common import DataError
 from model import SASRecEncoder, seed_everything
-from train_discriminative import add_loop_args, fit, item_inputs, make_item_embedding
+from train_discriminative import add_loop_args, check_loop_args, fit, item_inputs, make_item_embedding
 
 
 def beta_schedule(schedule, T, beta_start, beta_end):
@@ -163,12 +163,8 @@ def main(argv=None):
     add_loop_args(p)
     args = p.parse_args(argv)
     args.subspace = args.subspace or os.path.join(args.data, "subspace_dreamrec.pt")
-    if not 1 <= args.sample_steps <= args.timesteps:
-        p.error(f"--sample_steps must be in 1..T = {args.timesteps}")
-    if args.w < 0 or not 0 <= args.p_uncond <= 1:
-        p.error("--w must be >= 0 and --p_uncond in [0, 1]")
-    if args.hidden_dim % args.num_heads:
-        p.error(f"--num_heads {args.num_heads} must divide --hidden_dim {args.hidden_dim}")
+    check_loop_args(p, args, {"timesteps": "[1, inf)", "beta_start": "(0, 1)", "beta_end": f"[{args.beta_start}, 1)",
+                              "sample_steps": f"[1, {args.timesteps}]", "w": "[0, 1e37)", "p_uncond": "[0, 1]"})
     try:
         run(args)
     except DataError as e:

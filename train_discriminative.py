@@ -26,6 +26,7 @@ masked out instead of resampled; evaluation runs in eval mode without gradients.
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -153,18 +154,41 @@ def validate(model, split, ks=(10, 20), batch_size=1024, seed=0):
     return {k: float(v.mean()) for k, v in m.items()}
 
 
+def make_run_dir(path):
+    """Create RUN once every input is checked (so a bad input leaves no folder behind), and fail
+    now rather than after the first epoch if it can't be written; returns whether this run made it."""
+    created = not os.path.isdir(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{path}: cannot create the run folder ({e.strerror})") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise DataError(f"{path}: the run folder is not writable")
+    return created
+
+
+def diverged(run, what, last_good, created):
+    """The error that stops a run whose loss is no longer finite: every later checkpoint would be
+    worthless, so the last good one stays as it is (and an empty RUN that this run made goes)."""
+    if created and not last_good and not os.listdir(run):
+        os.rmdir(run)
+    return DataError(f"{run}: {what}; " + (f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"))
+
+
 def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
     """The training loop both backbones share: seeded shuffled batches of device-resident data,
     validation NDCG@20 every --eval_every epochs, best and last checkpoints, early stopping after
-    --patience evaluations without improvement, --resume, log.jsonl; then the best checkpoint
-    is evaluated once on test. loss_fn(seq, target) -> scalar; gens: the seeded generators."""
+    --patience evaluations without improvement, --resume, log.jsonl, a stop at a NaN or inf loss;
+    then the best checkpoint is evaluated once on test. loss_fn(seq, target) -> scalar; gens: the seeded generators."""
     device = next(model.parameters()).device
     gens = dict(gens, torch=torch.default_generator)  # dropout draws from the global generator
     if device.type == "cuda":
         gens["cuda"] = torch.cuda.default_generators[device.index or 0]
     meta, splits = common.load_dataset(args.data)
+    for name, split in splits.items():  # an empty split would only fail after training
+        if not len(split["target"]):
+            raise DataError(f"{os.path.join(args.data, name)}.npz: no samples")
     data = {s: {k: torch.from_numpy(v).to(device) for k, v in a.items()} for s, a in splits.items()}
-    os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "log.jsonl")
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "ckpt.pt")
     epoch, best_val, bad_evals = 0, -1.0, 0
@@ -179,7 +203,8 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
         for name, g in gens.items():
             g.set_state(ck["generators"][name].cpu())
         print(f"resumed {last_path} at epoch {epoch}")
-    elif os.path.exists(log_path):
+    created, last_good = make_run_dir(args.out), last_path if args.resume else None  # every input is checked
+    if not args.resume and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     train = data["train"]
     n = len(train["target"])
@@ -198,7 +223,10 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(idx)
+            value = loss.item()  # the per-step sync this loop already pays; a NaN or inf stops the run
+            if not math.isfinite(value):
+                raise diverged(args.out, f"loss became {value} at epoch {epoch} step {i // args.batch_size + 1}", last_good, created)
+            total += value * len(idx)
         seconds = time.time() - t0
         record = {"epoch": epoch, "loss": total / n, "seconds": round(seconds, 2), "samples_per_s": round(n / seconds)}
         improved = False
@@ -212,6 +240,7 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
         if improved:
             save_checkpoint(best_path, **ckpt)
         save_checkpoint(last_path, **ckpt)
+        last_good = last_path
         with open(log_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         val = record.get("valid")
@@ -259,6 +288,22 @@ def add_loop_args(p):
     p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
 
 
+# the intervals of the shared flags: seeds are NumPy's; above ~3e37 a float32 Adam step overflows
+LOOP_RANGES = {**dict.fromkeys(("hidden_dim", "num_blocks", "num_heads", "batch_size", "epochs", "patience", "eval_every"), "[1, inf)"),
+               "dropout": "[0, 1)", "lr": "(0, 1e37)", "weight_decay": "[0, 1e37)", "seed": "[0, 4294967296)"}
+
+
+def check_loop_args(p, args, ranges):
+    """Refuse a flag outside its interval (LOOP_RANGES, then the trainer's own `ranges`; NaN is in
+    none) before anything is read or written: parser.error, one line, exit 2."""
+    for flag, interval in {**LOOP_RANGES, **ranges}.items():
+        v, (lo, hi) = getattr(args, flag), map(float, interval[1:-1].split(","))
+        if not ((lo < v if interval[0] == "(" else lo <= v) and (v < hi if interval[-1] == ")" else v <= hi)):
+            p.error(f"--{flag} must be in {interval}, got {v}")
+    if args.item_emb not in ("alphafuse", "llminit") and args.hidden_dim % args.num_heads:  # else d is --subspace's
+        p.error(f"--num_heads {args.num_heads} must divide --hidden_dim {args.hidden_dim}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="prepared dataset folder DATA (prepare.py)")
@@ -280,8 +325,7 @@ def main(argv=None):
     add_loop_args(p)
     args = p.parse_args(argv)
     args.subspace = args.subspace or os.path.join(args.data, "subspace.pt")
-    if args.hidden_dim % args.num_heads:
-        p.error(f"--num_heads {args.num_heads} must divide --hidden_dim {args.hidden_dim}")
+    check_loop_args(p, args, {"temperature": "(0, 1e37)", **({"neg_ratio": "[1, inf)"} if args.loss != "ce" else {})})
     try:
         run(args)
     except DataError as e:
