@@ -184,10 +184,7 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
     gens = dict(gens, torch=torch.default_generator)  # dropout draws from the global generator
     if device.type == "cuda":
         gens["cuda"] = torch.cuda.default_generators[device.index or 0]
-    meta, splits = common.load_dataset(args.data)
-    for name, split in splits.items():  # an empty split would only fail after training
-        if not len(split["target"]):
-            raise DataError(f"{os.path.join(args.data, name)}.npz: no samples")
+    meta, splits = common.load_dataset(args.data, allow_empty=False)  # an empty split would fail only after training
     data = {s: {k: torch.from_numpy(v).to(device) for k, v in a.items()} for s, a in splits.items()}
     log_path = os.path.join(args.out, "log.jsonl")
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "ckpt.pt")
