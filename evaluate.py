@@ -84,8 +84,8 @@ def check_device(parser, name):
 
 def popularity_scorer(meta, device):
     """Every user gets the same scores: the items' training popularity."""
-    pop = torch.tensor(meta["item_popularity"], dtype=torch.float32, device=device)
-    return lambda seq: pop.expand(len(seq), -1)
+    pop = torch.tensor(meta["item_popularity"], dtype=torch.float32, device=device)[:, None]  # (N+1, 1)
+    return lambda seq: torch.ones(len(seq), 1, device=device), pop
 
 
 def evaluate(score_all, data_dir, meta, split, ks, device, mask_history=False, sampled=0, seed=0, batch_size=1024):

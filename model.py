@@ -29,7 +29,10 @@ def rank_of_target(scores, target):
     rank = 1 + #{j != target : score_j >= score_target}: ties count against the model, so a
     constant scorer ranks every target last, and so does a NaN score of the target."""
     s_target = scores.gather(1, target[:, None])  # (B, 1)
-    rank = (scores[:, 1:] >= s_target).sum(1)  # (B,) the target counts itself: the "1 +"
+    # the target counts itself: the "1 +". Booleans summed in int16 over blocks of at most 32767
+    # columns (no overflow) vectorise several times better than one int64 sum, the default.
+    rank = sum((scores[:, j:j + 32767] >= s_target).sum(1, dtype=torch.int16).long()
+               for j in range(1, scores.shape[1], 32767))  # (B,)
     return rank.masked_fill(s_target[:, 0].isnan(), scores.shape[1] - 1)
 
 
@@ -44,17 +47,44 @@ def metrics_at(rank, ks):
     return out
 
 
+def rank_within(query, table, target, k, pool_size=512):
+    """rank_of_target(query @ table.T, target) wherever it is <= k, and k + 1 wherever it is larger:
+    what HR, NDCG and MRR at cut-offs <= k need. query (B, d), table (N+1, d), target (B,).
+    Most targets rank far below k, and k items scoring at least the target's prove it: each row is
+    first scored against a pool of `pool_size` items (those the batch's mean query scores highest),
+    and only the rows with fewer than k pool items at or above their target get the full (N+1)
+    scores. On amazon-toys that is about 20% of the rows, so evaluation does about a quarter of
+    the full product. A pool item whose score ties the target's counts against it, as in the full
+    ranking; the two differ only if a score lies within float rounding of the target's."""
+    rank = torch.full_like(target, k + 1)
+    full = torch.ones_like(target, dtype=torch.bool)  # (B,) rows whose rank may be <= k
+    if len(table) > 4 * pool_size:
+        s_target = (query * table[target]).sum(1, keepdim=True)  # (B, 1)
+        pool = (query.mean(0) @ table.T)[1:].topk(pool_size).indices + 1  # (M,)
+        above = (query @ table[pool].T).masked_fill(pool == target[:, None], float("-inf")) >= s_target
+        full = above.sum(1, dtype=torch.int32) < k  # (B, M) -> (B,)
+    if full.any():
+        rank[full] = rank_of_target(query[full] @ table.T, target[full]).clamp(max=k + 1)
+    return rank
+
+
 @torch.no_grad()
-def full_ranking(score_all, seq, target, ks=(10, 20), batch_size=1024, mask_history=False, sampled=0, seed=0):
+def full_ranking(scorer, seq, target, ks=(10, 20), batch_size=1024, mask_history=False, sampled=0, seed=0):
     """Per-sample metrics of ranking every target against all N items (or, with `sampled` > 0,
     against that many items drawn uniformly, seeded, from those outside the history window).
-    score_all(seq (B, L)) -> scores (B, N+1); seq (n, L), target (n,) on the model's device.
+    scorer = (query, table): query(seq (B, L)) -> (B, d) and table (N+1, d), scores = query @ table.T;
+    seq (n, L), target (n,) on the model's device.
     mask_history: the history's items (other than the target) can't be recommended."""
+    query, table = scorer
     g = torch.Generator(device=seq.device).manual_seed(seed)
     out = []
     for i in range(0, len(target), batch_size):
         s, t = seq[i:i + batch_size], target[i:i + batch_size, None]  # (B, L), (B, 1)
-        scores = score_all(s).float()  # (B, N+1)
+        q = query(s).float()  # (B, d)
+        if not (mask_history or sampled):  # the plain protocol: full scores only where needed
+            out.append(metrics_at(rank_within(q, table, t[:, 0], max(ks)), ks))
+            continue
+        scores = q @ table.T  # (B, N+1)
         if mask_history:
             s_target = scores.gather(1, t)
             scores = scores.scatter(1, s, float("-inf")).scatter(1, t, s_target)
@@ -84,21 +114,27 @@ class TransformerBlock(torch.nn.Module):
         self.ffn = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU(), torch.nn.Dropout(dropout),
                                        torch.nn.Linear(d, d), torch.nn.Dropout(dropout))
 
-    def forward(self, x, attn_mask):  # x (B, L, d), attn_mask (B, 1, L, L) True = may attend
+    def forward(self, x, attn_mask, last_only=False):
+        """x (B, L, d), attn_mask (B, 1, L, L) True = may attend -> (B, L, d), or (B, 1, d) for the
+        last position alone: keys and values need every position, but the query, the output
+        projection, the norms and the feed-forward of the other positions feed nothing after the
+        last block, so last_only skips them (about 60% of the block's arithmetic at L = 10)."""
         B, L, d = x.shape
         h = self.num_heads
-        q_in = self.ln_q(x)
-        q = self.q(q_in).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, d/h)
+        q_in = self.ln_q(x[:, -1:] if last_only else x)  # (B, Lq, d), Lq = 1 or L
+        Lq = q_in.shape[1]
+        q = self.q(q_in).view(B, Lq, h, d // h).transpose(1, 2)  # (B, h, Lq, d/h)
         k, v = self.kv(x).view(B, L, 2, h, d // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, L, d/h)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask[:, :, -Lq:],
                                            dropout_p=self.dropout if self.training else 0.0)
-        x = q_in + self.proj(y.transpose(1, 2).reshape(B, L, d))
+        x = q_in + self.proj(y.transpose(1, 2).reshape(B, Lq, d))
         x = self.ln_ffn(x)
         return x + self.ffn(x)
 
 
 class SASRecEncoder(torch.nn.Module):
-    """item_emb(seq) + learned positions -> causal Transformer -> state of the last position."""
+    """item_emb(seq) + learned positions -> causal Transformer -> the state of the last position
+    (B, d), or of every position (B, L, d) with all_positions=True (whole-sequence training)."""
 
     def __init__(self, d, max_len, num_blocks=1, num_heads=1, dropout=0.1):
         super().__init__()
@@ -107,16 +143,41 @@ class SASRecEncoder(torch.nn.Module):
         self.blocks = torch.nn.ModuleList(TransformerBlock(d, num_heads, dropout) for _ in range(num_blocks))
         self.ln_f = torch.nn.LayerNorm(d)
 
-    def forward(self, seq_emb, seq):  # seq_emb (B, L, d) embedded items, seq (B, L) indices, 0 = padding
+    def forward(self, seq_emb, seq, all_positions=False):  # seq_emb (B, L, d), seq (B, L) indices, 0 = padding
         B, L, _ = seq_emb.shape
         real = seq > 0  # (B, L)
         x = self.drop(seq_emb + self.pos.weight[:L]) * real[..., None]
         causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
         # a query may see earlier real items and always itself, so no row is fully masked (no NaN)
         attn_mask = causal & (real[:, None, :] | torch.eye(L, dtype=torch.bool, device=seq.device))
-        for block in self.blocks:
-            x = block(x, attn_mask[:, None]) * real[..., None]
-        return self.ln_f(x[:, -1])  # (B, d): sequences are left-padded, the last position is the newest
+        for i, block in enumerate(self.blocks):
+            last_only = not all_positions and i == len(self.blocks) - 1
+            x = block(x, attn_mask[:, None], last_only) * real[:, -x.shape[1]:, None]
+        # sequences are left-padded: the last position is the newest item
+        return self.ln_f(x) if all_positions else self.ln_f(x[:, -1])
+
+
+class SampledDot(torch.autograd.Function):
+    """u (P, d) against the table rows idx (P, M) -> (P, M) dot products u_p . table[idx_pm].
+
+    The same numbers and gradients as torch.einsum("pd,pmd->pm", u, table[idx]); faster because
+    the rows are gathered with index_select and their gradient is scattered back with one
+    index_add into a (N+1, d) table, where autograd would scatter table[idx] with index_put."""
+
+    @staticmethod
+    def forward(ctx, u, table, idx):
+        E = table.index_select(0, idx.flatten()).view(*idx.shape, -1)  # (P, M, d)
+        ctx.save_for_backward(u, E, idx)
+        ctx.num_rows = table.shape[0]
+        return (E * u[:, None, :]).sum(-1)  # (P, M); 3x faster than a batched matrix-vector bmm on CPU
+
+    @staticmethod
+    def backward(ctx, grad):  # grad (P, M)
+        u, E, idx = ctx.saved_tensors
+        grad_u = torch.bmm(grad[:, None, :], E)[:, 0]  # (P, d)
+        grad_E = grad[:, :, None] * u[:, None, :]  # (P, M, d)
+        grad_table = u.new_zeros(ctx.num_rows, u.shape[1]).index_add_(0, idx.flatten(), grad_E.flatten(0, 1))
+        return grad_u, grad_table, None
 
 
 # -----------------------------------------------------------------------------
@@ -194,5 +255,6 @@ class FusedItemEmbedding(torch.nn.Module):
         null = ids if self.replace else lang[..., self.d_s:] + ids  # slice at d_s: d_n = 0 works
         return torch.cat([lang[..., :self.d_s], null], dim=-1)
 
-    def table(self):  # (N+1, d): every item's fused embedding, to score all items
-        return self.forward(torch.arange(self.lang.shape[0], device=self.lang.device))
+    def table(self):  # (N+1, d): every item's fused embedding, the forward of all rows at once
+        null = self.id_emb if self.replace else self.lang[:, self.d_s:] + self.id_emb
+        return torch.cat([self.lang[:, :self.d_s], null], dim=1)

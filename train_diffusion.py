@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import common
 from common import DataError
 from model import SASRecEncoder, seed_everything
-from train_discriminative import add_loop_args, check_loop_args, fit, item_inputs, make_item_embedding
+from train_discriminative import add_loop_args, check_loop_args, fit, item_inputs, loop_defaults, make_item_embedding
 
 
 def beta_schedule(schedule, T, beta_start, beta_end):
@@ -67,8 +67,8 @@ class DreamRec(torch.nn.Module):
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("all_items", torch.arange(num_items + 1), persistent=False)
 
-    def condition(self, seq):  # (B, L) -> c (B, d)
-        return self.encoder(self.item_emb(seq), seq)
+    def condition(self, seq, all_positions=False):  # (B, L) -> c (B, d), or (B, L, d)
+        return self.encoder(self.item_emb(seq), seq, all_positions)
 
     def q_sample(self, x0, t, noise):
         """x_t ~ q(x_t | x0) = N(sqrt(abar_t) x0, (1 - abar_t) I), t (B,) in [0, T-1]."""
@@ -85,8 +85,14 @@ class DreamRec(torch.nn.Module):
         return (1 + self.w) * self.predict_x0(x_t, c, t) - self.w * uncond
 
     def loss(self, seq, target, generator):
+        """seq (B, L) and target (B,) (windows), or target (B, L), the item after every position,
+        0 after padding (whole sequences: every real position conditions one x0)."""
+        if target.dim() == 2:
+            real = target > 0
+            c, target = self.condition(seq, all_positions=True)[real], target[real]  # (P, d), (P,)
+        else:
+            c = self.condition(seq)  # (B, d)
         x0 = self.item_emb(target)  # (B, d)
-        c = self.condition(seq)
         drop = torch.rand(len(c), 1, device=c.device, generator=generator) < self.p_uncond
         c = torch.where(drop, self.null_c.expand_as(c), c)
         t = torch.randint(0, self.T, (len(c),), device=c.device, generator=generator)
@@ -112,11 +118,10 @@ class DreamRec(torch.nn.Module):
 
     @torch.no_grad()
     def scorer(self, seed=0):
-        """The score function of one evaluation, (B, L) -> (B, N+1): x0_hat . e_i, with its own
-        seeded generator for x_T; the item table is computed once."""
+        """The scores of one evaluation as (query, table): query(seq) -> x0_hat (B, d), drawn with
+        its own generator seeded by `seed`, and the item table (N+1, d); scores = x0_hat . e_i."""
         generator = torch.Generator(device=self.all_items.device).manual_seed(seed)
-        table = self.item_emb(self.all_items)  # (N+1, d)
-        return lambda seq: self.ddim_sample(self.condition(seq), generator) @ table.T
+        return lambda seq: self.ddim_sample(self.condition(seq), generator), self.item_emb(self.all_items)
 
 
 def build_model(model_args, init=None):
@@ -128,6 +133,7 @@ def run(args):
     gens = {"perm": seed_everything(args.seed),
             "noise": torch.Generator(device=device).manual_seed(args.seed + 1)}
     meta = common.load_meta(args.data)
+    loop_defaults(args, meta)
     if args.item_emb == "alphafuse" and not os.path.exists(args.subspace):
         raise DataError(f"{args.subspace}: file not found (run decompose.py DATA --null_thres 0.25 --out {args.subspace})")
     init, dims, provenance = item_inputs(args, meta)
@@ -137,7 +143,7 @@ def run(args):
                   "beta_end": args.beta_end, "schedule": args.schedule, "w": args.w, "p_uncond": args.p_uncond,
                   "sample_steps": args.sample_steps, "d_s": dims.get("d_s", 0), "id_init": args.id_init}
     model = build_model(model_args, init).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     loss_fn = lambda seq, target: model.loss(seq, target, gens["noise"])
     fit(args, model, model_args, optimizer, loss_fn, gens, "dreamrec", {**vars(args), "device": device, **provenance})
 

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import common
 import decompose
 from common import DataError
-from model import (FusedItemEmbedding, SASRecEncoder, full_ranking, load_checkpoint, load_subspace,
+from model import (FusedItemEmbedding, SampledDot, SASRecEncoder, full_ranking, load_checkpoint, load_subspace,
                    save_checkpoint, seed_everything)
 
 # -----------------------------------------------------------------------------
@@ -55,6 +55,9 @@ class AdapterEmbedding(torch.nn.Module):
 
     def forward(self, idx):
         return self.mlp(self.features[idx]) * (idx > 0)[..., None]  # padding stays zero
+
+    def table(self):  # (N+1, d): every item at once
+        return self.forward(torch.arange(len(self.features), device=self.features.device))
 
 
 def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None):
@@ -83,30 +86,55 @@ class SASRec(torch.nn.Module):
         self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
         self.register_buffer("all_items", torch.arange(num_items + 1), persistent=False)
 
-    def user_state(self, seq):  # (B, L) -> (B, d)
-        return self.encoder(self.item_emb(seq), seq)
+    def table(self):  # (N+1, d): every item's embedding, differentiable; row 0 (padding) is zero
+        emb = self.item_emb
+        return emb.weight if isinstance(emb, torch.nn.Embedding) else emb.table()
+
+    def user_state(self, seq, table=None, all_positions=False):  # (B, L) -> (B, d), or (B, L, d)
+        # index_select: its backward is one index_add, faster than F.embedding's
+        seq_emb = self.item_emb(seq) if table is None else table.index_select(0, seq.flatten()).view(*seq.shape, -1)
+        return self.encoder(seq_emb, seq, all_positions)
 
     def logits(self, u, e, score):
-        """u (B, d) against shared items e (M, d) -> (B, M), or per-sample items e (B, M, d)."""
+        """u (B, d) against every item e (N+1, d) -> (B, N+1); 1/tau is folded into the user states."""
         if score == "cosine":
-            u, e = F.normalize(u, dim=-1), F.normalize(e, dim=-1)
-        out = u @ e.T if e.dim() == 2 else torch.einsum("bd,bmd->bm", u, e)
-        return out / self.temperature if score == "cosine" else out
+            u, e = F.normalize(u, dim=-1) / self.temperature, F.normalize(e, dim=-1)
+        return u @ e.T
+
+    def sampled_logits(self, u, table, idx, score):
+        """u (P, d) against the items idx (P, M) -> (P, M), the same numbers as logits() at those
+        items. Cosine divides by the norms of the items after the dot product instead of
+        normalising the gathered (P, M, d) candidates: one pass over them instead of four."""
+        if score == "cosine":
+            norm = torch.linalg.vector_norm(table, dim=1).clamp_min(1e-12)  # (N+1,) as F.normalize
+            return SampledDot.apply(F.normalize(u, dim=-1) / self.temperature, table, idx) / norm[idx]
+        return SampledDot.apply(u, table, idx)
 
     @torch.no_grad()
     def scorer(self, seed=0):
-        """The score function of one evaluation, (B, L) -> (B, N+1) against every item; the item
-        table is computed once. SASRec draws no noise: the seed is unused."""
-        table = self.item_emb(self.all_items)  # (N+1, d)
-        return lambda seq: self.logits(self.user_state(seq), table, self.eval_score)
+        """The scores of one evaluation as (query, table): query(seq (B, L)) -> (B, d) and the items
+        (N+1, d), scores = query @ table.T; the table is computed (and normalised) once, 1/tau goes
+        into the queries. SASRec draws no noise: the seed is unused."""
+        table = self.table()  # (N+1, d)
+        if self.eval_score == "dot":
+            return lambda seq: self.user_state(seq, table), table
+        return lambda seq: F.normalize(self.user_state(seq, table), dim=-1) / self.temperature, F.normalize(table, dim=-1)
 
-    def loss(self, seq, target, loss, neg_ratio, generator):
-        u = self.user_state(seq)  # (B, d)
+    def loss(self, seq, target, loss, neg_ratio, generator, neg=None):
+        """seq (B, L) histories and target (B,) their next items (windows), or target (B, L) the
+        next item after every position, 0 after padding (whole sequences: every real position
+        is a sample). InfoNCE and BCE draw K uniform negatives per sample unless `neg` gives them."""
+        table = self.table()  # (N+1, d), computed once per step
+        if target.dim() == 2:
+            real = target > 0  # (B, L)
+            u, target = self.user_state(seq, table, all_positions=True)[real], target[real]  # (P, d), (P,)
+        else:
+            u = self.user_state(seq, table)  # (B, d)
         if loss == "ce":  # full softmax over the N items
-            logits = self.logits(u, self.item_emb(self.all_items), self.score)  # (B, N+1)
-            return F.cross_entropy(logits[:, 1:], target - 1)
-        neg = torch.randint(1, self.num_items + 1, (len(target), neg_ratio), device=seq.device, generator=generator)
-        logits = self.logits(u, self.item_emb(torch.cat([target[:, None], neg], 1)), self.score)  # (B, 1+K)
+            return F.cross_entropy(self.logits(u, table, self.score)[:, 1:], target - 1)
+        if neg is None:
+            neg = torch.randint(1, self.num_items + 1, (len(target), neg_ratio), device=seq.device, generator=generator)
+        logits = self.sampled_logits(u, table, torch.cat([target[:, None], neg], 1), self.score)  # (P, 1+K)
         pos, neg_logits = logits[:, 0], logits[:, 1:].masked_fill(neg == target[:, None], float("-inf"))
         if loss == "infonce":  # the positive against K uniform negatives
             return F.cross_entropy(torch.cat([pos[:, None], neg_logits], 1), torch.zeros_like(target))
@@ -145,6 +173,26 @@ def item_inputs(args, meta):
             features = decompose.project(emb, mean, decompose.projection_matrix(s, U, len(s)))
         return torch.from_numpy(features), {"d_in": emb.shape[1]}, {"lang_emb_sha256": decompose.file_sha256(path)}
     return None, {}, {}
+
+
+def whole_sequences(train):
+    """Windows (seq (n, L), target (n,), user (n,)) -> one whole sequence per training user, its
+    last L + 1 training items: seq (U, L) and target (U, L), the item after each position (0 after
+    padding). The last window of a user holds exactly those items: prepare.py writes each user's
+    windows in time order."""
+    user = train["user"].cpu().numpy()
+    last = len(user) - 1 - np.unique(user[::-1], return_index=True)[1]  # each user's last window
+    last = torch.from_numpy(last).to(train["seq"].device)
+    seq, target = train["seq"][last], train["target"][last]  # (U, L), (U,)
+    nxt = torch.cat([seq[:, 1:], target[:, None]], 1)  # (U, L)
+    return {"seq": seq, "target": nxt.masked_fill(seq == 0, 0)}
+
+
+def loop_defaults(args, meta):
+    """Settings of the loop that depend on the data or the machine, resolved before the run starts."""
+    args.train_on = args.train_on or ("sequences" if meta.get("split") == "loo" else "windows")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
 
 def validate(model, split, ks=(10, 20), batch_size=1024, seed=0):
@@ -203,17 +251,17 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
     created, last_good = make_run_dir(args.out), last_path if args.resume else None  # every input is checked
     if not args.resume and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
-    train = data["train"]
+    train = data["train"] if args.train_on == "windows" else whole_sequences(data["train"])
     n = len(train["target"])
     amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
     print(f"{backbone} {args.item_emb}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
-          f"trainable parameters, {n:,} training samples, device {device}")
+          f"trainable parameters, {n:,} training {args.train_on}, device {device}, {torch.get_num_threads()} threads")
     while epoch < args.epochs and bad_evals < args.patience:
         epoch += 1
-        t0, total = time.time(), 0.0
+        t0, cpu0, shown, total = time.time(), time.process_time(), time.time(), 0.0
         model.train()
         perm = torch.randperm(n, generator=gens["perm"]).to(device)
-        for i in range(0, n, args.batch_size):
+        for step, i in enumerate(range(0, n, args.batch_size), 1):
             idx = perm[i:i + args.batch_size]
             with amp:
                 loss = loss_fn(train["seq"][idx], train["target"][idx])
@@ -222,13 +270,20 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
             optimizer.step()
             value = loss.item()  # the per-step sync this loop already pays; a NaN or inf stops the run
             if not math.isfinite(value):
-                raise diverged(args.out, f"loss became {value} at epoch {epoch} step {i // args.batch_size + 1}", last_good, created)
+                raise diverged(args.out, f"loss became {value} at epoch {epoch} step {step}", last_good, created)
             total += value * len(idx)
+            if time.time() - shown > args.progress_every:  # a slow machine is never silent for long
+                shown, rate = time.time(), (i + len(idx)) / (time.time() - t0)
+                print(f"epoch {epoch:3d} | step {step}/{-(-n // args.batch_size)} | {rate:,.0f} {args.train_on}/s"
+                      f" | ETA {(n - i - len(idx)) / rate:.0f}s", flush=True)
         seconds = time.time() - t0
-        record = {"epoch": epoch, "loss": total / n, "seconds": round(seconds, 2), "samples_per_s": round(n / seconds)}
+        record = {"epoch": epoch, "loss": total / n, "seconds": round(seconds, 2),
+                  "cpu_seconds": round(time.process_time() - cpu0, 2), "samples_per_s": round(n / seconds)}
         improved = False
         if epoch % args.eval_every == 0 or epoch == args.epochs:
+            t0 = time.time()
             record["valid"] = validate(model, data["valid"])  # float32 scores: bf16 would make ties
+            record["valid_seconds"] = round(time.time() - t0, 2)
             improved = record["valid"]["NDCG@20"] > best_val
             best_val, bad_evals = (record["valid"]["NDCG@20"], 0) if improved else (best_val, bad_evals + 1)
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
@@ -242,7 +297,8 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
             f.write(json.dumps(record) + "\n")
         val = record.get("valid")
         val_text = f" | valid NDCG@20 {val['NDCG@20']:.4f} HR@20 {val['HR@20']:.4f}" if val else ""
-        print(f"epoch {epoch:3d} | loss {record['loss']:.4f}{val_text} | {seconds:.1f}s, {n / seconds:,.0f} samples/s")
+        print(f"epoch {epoch:3d} | loss {record['loss']:.4f}{val_text} | {seconds:.1f}s, {n / seconds:,.0f} {args.train_on}/s",
+              flush=True)
     best = load_checkpoint(best_path, device)
     model.load_state_dict(best["model"])
     model.eval()
@@ -258,6 +314,7 @@ def run(args):
     gens = {"perm": seed_everything(args.seed),
             "negatives": torch.Generator(device=device).manual_seed(args.seed + 1)}
     meta = common.load_meta(args.data)
+    loop_defaults(args, meta)
     init, dims, provenance = item_inputs(args, meta)
     model_args = {"item_emb": args.item_emb, "num_items": meta["num_items"], "d": dims.get("hidden_dim", args.hidden_dim),
                   "max_len": meta["max_len"], "num_blocks": args.num_blocks, "num_heads": args.num_heads,
@@ -265,7 +322,8 @@ def run(args):
                   "temperature": args.temperature, "d_in": dims.get("d_in", 0), "d_s": dims.get("d_s", 0),
                   "id_init": args.id_init, "train_lang": args.train_lang, "id_replace": args.id_replace}
     model = build_model(model_args, init).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    # fused: one kernel over all parameters (CPU and CUDA), 10x faster than the loop over them on CPU
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     loss_fn = lambda seq, target: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"])
     fit(args, model, model_args, optimizer, loss_fn, gens, "sasrec", {**vars(args), "device": device, **provenance})
 
@@ -275,13 +333,16 @@ def add_loop_args(p):
     p.add_argument("--num_blocks", type=int, default=1, help="Transformer blocks of the SASRec encoder")
     p.add_argument("--num_heads", type=int, default=1, help="attention heads")
     p.add_argument("--dropout", type=float, default=0.1, help="dropout rate of the encoder")
-    p.add_argument("--batch_size", type=int, default=256, help="samples per step")
+    p.add_argument("--batch_size", type=int, default=256, help="samples per step: windows, or whole sequences")
+    p.add_argument("--train_on", choices=["sequences", "windows"], default=None, help="whole sequences, every position predicting its next item (SASRec, LLM-ESR), or one sample per target (official AlphaFuse); default: sequences for --split loo data, windows for user")
     p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
     p.add_argument("--patience", type=int, default=10, help="stop after this many evaluations without a better valid NDCG@20")
     p.add_argument("--eval_every", type=int, default=1, help="epochs between validations")
     p.add_argument("--seed", type=int, default=22, help="seed of the initialisation, the batch order and the sampling")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (scores for ranking stay float32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, all cores)")
+    p.add_argument("--progress_every", type=float, default=10.0, help="seconds between progress lines inside an epoch")
     p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
 
 

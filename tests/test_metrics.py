@@ -97,8 +97,8 @@ def test_padding_column_never_counts():
 
 
 def fixed_scorer(row):
-    """score_all that gives every sequence the same scores row (N+1,)."""
-    return lambda seq: row.expand(len(seq), -1)
+    """A scorer (query, table) that gives every sequence the same scores row (N+1,)."""
+    return lambda seq: torch.ones(len(seq), 1), row[:, None]
 
 
 def test_mask_history_removes_history_but_keeps_target():
@@ -137,8 +137,7 @@ def test_sampled_ranks_among_exactly_m_plus_one(M):
     row = torch.cat([torch.zeros(1), torch.rand(n) + 1.0])
     for i in range(len(target)):  # one row per call, so that the scorer puts its target lowest
         s, t = seq[i:i + 1], target[i:i + 1]
-        scorer = lambda q, t=t: row.expand(len(q), -1).scatter(1, t[:, None], 0.0)  # (1, N+1)
-        m = full_ranking(scorer, s, t, ks=(M, M + 1), sampled=M, seed=i)
+        m = full_ranking(fixed_scorer(row.scatter(0, t, 0.0)), s, t, ks=(M, M + 1), sampled=M, seed=i)
         assert m[f"HR@{M + 1}"].item() == 1.0, f"row {i}: target beyond rank M + 1, more than M candidates"
         assert m[f"HR@{M}"].item() == 0.0, f"row {i}: target within rank M, fewer than M candidates"
         assert m[f"MRR@{M + 1}"].item() == pytest.approx(1 / (M + 1))
@@ -226,15 +225,27 @@ def encoder(train=False, d=8, L=6, blocks=2, heads=2):
 
 
 def block_outputs(enc, seq_emb, seq):
-    """The output (B, L, d) of every Transformer block, captured by forward hooks."""
+    """The output (B, L, d) of every Transformer block (captured by forward hooks) and the user
+    state, read at the last position of the whole-sequence output."""
     outs = []
     hooks = [b.register_forward_hook(lambda m, i, o: outs.append(o.detach().clone())) for b in enc.blocks]
     try:
-        state = enc(seq_emb, seq)
+        state = enc(seq_emb, seq, all_positions=True)[:, -1]
     finally:
         for h in hooks:
             h.remove()
     return outs, state
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_last_position_state_equals_the_whole_sequence_output(blocks):
+    """The user state computed for the last position alone (the last block skips the other
+    queries) equals the last position of the whole-sequence output, with padding in the rows."""
+    enc = encoder(blocks=blocks)
+    seq = torch.tensor([[0, 0, 3, 1, 4, 2], [5, 2, 7, 1, 1, 3], [0, 0, 0, 0, 0, 4]])
+    emb = torch.randn(3, 6, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(emb, seq), enc(emb, seq, all_positions=True)[:, -1], rtol=0, atol=1e-6)
 
 
 def test_encoder_is_causal():
