@@ -258,3 +258,36 @@ class FusedItemEmbedding(torch.nn.Module):
     def table(self):  # (N+1, d): every item's fused embedding, the forward of all rows at once
         null = self.id_emb if self.replace else self.lang[:, self.d_s:] + self.id_emb
         return torch.cat([self.lang[:, :self.d_s], null], dim=1)
+
+
+# ---- the baselines' item embeddings, and the choice among all of them
+
+class AdapterEmbedding(torch.nn.Module):
+    """Frozen item features (N+1, d_in) -> Linear, GELU, Linear -> (N+1, d) (MoRec, WhitenRec)."""
+
+    def __init__(self, features, d):
+        super().__init__()
+        self.register_buffer("features", features)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(features.shape[1], d), torch.nn.GELU(), torch.nn.Linear(d, d))
+
+    def forward(self, idx):
+        return self.mlp(self.features[idx]) * (idx > 0)[..., None]  # padding stays zero
+
+    def table(self):  # (N+1, d): every item at once
+        return self.forward(torch.arange(len(self.features), device=self.features.device))
+
+
+def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None):
+    """The item embedding module; `init` is the language tensor it is built on (zeros as a
+    placeholder when rebuilding from a checkpoint, whose state_dict then fills it)."""
+    if item_emb in ("alphafuse", "llminit", "morec", "whitenrec") and init is None:
+        init = torch.zeros(num_items + 1, d_in if item_emb in ("morec", "whitenrec") else d)
+    if item_emb == "alphafuse":
+        return FusedItemEmbedding(init, d_s, id_init, train_lang, id_replace)
+    if item_emb in ("morec", "whitenrec"):
+        return AdapterEmbedding(init, d)
+    table = torch.nn.Embedding(num_items + 1, d, padding_idx=0)
+    with torch.no_grad():
+        table.weight.copy_(init if item_emb == "llminit" else torch.randn(num_items + 1, d) * (id_init == "normal"))
+        table.weight[0] = 0
+    return table

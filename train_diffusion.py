@@ -31,8 +31,8 @@ import torch.nn.functional as F
 
 import common
 from common import DataError
-from model import SASRecEncoder, seed_everything
-from train_discriminative import add_loop_args, check_loop_args, fit, item_inputs, loop_defaults, make_item_embedding
+from model import SASRecEncoder, make_item_embedding, seed_everything
+from training import add_loop_args, check_loop_args, fit, item_inputs, loop_defaults
 
 
 def beta_schedule(schedule, T, beta_start, beta_end):

@@ -25,55 +25,19 @@ masked out instead of resampled; evaluation runs in eval mode without gradients.
 """
 
 import argparse
-import json
-import math
 import os
 import sys
-import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 import common
-import decompose
 from common import DataError
-from model import (FusedItemEmbedding, SampledDot, SASRecEncoder, full_ranking, load_checkpoint, load_subspace,
-                   save_checkpoint, seed_everything)
+from model import SampledDot, SASRecEncoder, make_item_embedding, seed_everything
+from training import add_loop_args, check_loop_args, fit, item_inputs, loop_defaults
 
 # -----------------------------------------------------------------------------
 # the model
-
-
-class AdapterEmbedding(torch.nn.Module):
-    """Frozen item features (N+1, d_in) -> Linear, GELU, Linear -> (N+1, d) (MoRec, WhitenRec)."""
-
-    def __init__(self, features, d):
-        super().__init__()
-        self.register_buffer("features", features)
-        self.mlp = torch.nn.Sequential(torch.nn.Linear(features.shape[1], d), torch.nn.GELU(), torch.nn.Linear(d, d))
-
-    def forward(self, idx):
-        return self.mlp(self.features[idx]) * (idx > 0)[..., None]  # padding stays zero
-
-    def table(self):  # (N+1, d): every item at once
-        return self.forward(torch.arange(len(self.features), device=self.features.device))
-
-
-def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None):
-    """The item embedding module; `init` is the language tensor it is built on (zeros as a
-    placeholder when rebuilding from a checkpoint, whose state_dict then fills it)."""
-    if item_emb in ("alphafuse", "llminit", "morec", "whitenrec") and init is None:
-        init = torch.zeros(num_items + 1, d_in if item_emb in ("morec", "whitenrec") else d)
-    if item_emb == "alphafuse":
-        return FusedItemEmbedding(init, d_s, id_init, train_lang, id_replace)
-    if item_emb in ("morec", "whitenrec"):
-        return AdapterEmbedding(init, d)
-    table = torch.nn.Embedding(num_items + 1, d, padding_idx=0)
-    with torch.no_grad():
-        table.weight.copy_(init if item_emb == "llminit" else torch.randn(num_items + 1, d) * (id_init == "normal"))
-        table.weight[0] = 0
-    return table
 
 
 class SASRec(torch.nn.Module):
@@ -146,169 +110,6 @@ class SASRec(torch.nn.Module):
 def build_model(model_args, init=None):
     return SASRec(**model_args, init=init)
 
-# -----------------------------------------------------------------------------
-# training
-
-
-def item_inputs(args, meta):
-    """The language tensor the item embedding is built on, and the fields that describe it."""
-    N = meta["num_items"]
-    if args.item_emb in ("alphafuse", "llminit"):
-        sub = load_subspace(args.subspace, N)
-        d = sub["lang_emb"].shape[1]
-        if d % args.num_heads:
-            raise DataError(f"{args.subspace}: d = {d} is not divisible by --num_heads {args.num_heads}")
-        return sub["lang_emb"], {"d_s": sub["d_s"], "hidden_dim": d}, \
-            {"subspace": args.subspace, "subspace_settings": sub.get("settings"), "lang_emb_sha256": sub.get("lang_emb_sha256")}
-    if args.item_emb in ("morec", "whitenrec"):
-        path = os.path.join(args.data, "lang_emb.npy")
-        emb = decompose.open_lang_emb(path)
-        if len(emb) != N:
-            raise DataError(f"{path}: {len(emb)} rows, meta.json says {N} items")
-        if args.item_emb == "morec":
-            features = np.concatenate([np.zeros((1, emb.shape[1]), np.float32), np.asarray(emb, np.float32)])
-        else:
-            mean, Sigma = decompose.weighted_covariance(emb, path=path)
-            s, U = decompose.eigendecompose(Sigma)
-            features = decompose.project(emb, mean, decompose.projection_matrix(s, U, len(s)))
-        return torch.from_numpy(features), {"d_in": emb.shape[1]}, {"lang_emb_sha256": decompose.file_sha256(path)}
-    return None, {}, {}
-
-
-def whole_sequences(train):
-    """Windows (seq (n, L), target (n,), user (n,)) -> one whole sequence per training user, its
-    last L + 1 training items: seq (U, L) and target (U, L), the item after each position (0 after
-    padding). The last window of a user holds exactly those items: prepare.py writes each user's
-    windows in time order."""
-    user = train["user"].cpu().numpy()
-    last = len(user) - 1 - np.unique(user[::-1], return_index=True)[1]  # each user's last window
-    last = torch.from_numpy(last).to(train["seq"].device)
-    seq, target = train["seq"][last], train["target"][last]  # (U, L), (U,)
-    nxt = torch.cat([seq[:, 1:], target[:, None]], 1)  # (U, L)
-    return {"seq": seq, "target": nxt.masked_fill(seq == 0, 0)}
-
-
-def loop_defaults(args, meta):
-    """Settings of the loop that depend on the data or the machine, resolved before the run starts."""
-    args.train_on = args.train_on or ("sequences" if meta.get("split") == "loo" else "windows")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-
-def validate(model, split, ks=(10, 20), batch_size=1024, seed=0):
-    model.eval()
-    m = full_ranking(model.scorer(seed), split["seq"], split["target"], ks, batch_size)
-    model.train()
-    return {k: float(v.mean()) for k, v in m.items()}
-
-
-def make_run_dir(path):
-    """Create RUN once every input is checked (so a bad input leaves no folder behind), and fail
-    now rather than after the first epoch if it can't be written; returns whether this run made it."""
-    created = not os.path.isdir(path)
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"{path}: cannot create the run folder ({e.strerror})") from None
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise DataError(f"{path}: the run folder is not writable")
-    return created
-
-
-def diverged(run, what, last_good, created):
-    """The error that stops a run whose loss is no longer finite: every later checkpoint would be
-    worthless, so the last good one stays as it is (and an empty RUN that this run made goes)."""
-    if created and not last_good and not os.listdir(run):
-        os.rmdir(run)
-    return DataError(f"{run}: {what}; " + (f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written"))
-
-
-def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
-    """The training loop both backbones share: seeded shuffled batches of device-resident data,
-    validation NDCG@20 every --eval_every epochs, best and last checkpoints, early stopping after
-    --patience evaluations without improvement, --resume, log.jsonl, a stop at a NaN or inf loss;
-    then the best checkpoint is evaluated once on test. loss_fn(seq, target) -> scalar; gens: the seeded generators."""
-    device = next(model.parameters()).device
-    gens = dict(gens, torch=torch.default_generator)  # dropout draws from the global generator
-    if device.type == "cuda":
-        gens["cuda"] = torch.cuda.default_generators[device.index or 0]
-    meta, splits = common.load_dataset(args.data, allow_empty=False)  # an empty split would fail only after training
-    data = {s: {k: torch.from_numpy(v).to(device) for k, v in a.items()} for s, a in splits.items()}
-    log_path = os.path.join(args.out, "log.jsonl")
-    last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "ckpt.pt")
-    epoch, best_val, bad_evals = 0, -1.0, 0
-    if args.resume:
-        ck = load_checkpoint(last_path, device)
-        if ck["model_args"] != model_args:
-            changed = sorted(k for k in model_args if ck["model_args"].get(k) != model_args[k])
-            raise DataError(f"{last_path}: the model settings differ from the checkpoint's ({', '.join(changed)})")
-        model.load_state_dict(ck["model"])
-        optimizer.load_state_dict(ck["optimizer"])
-        epoch, best_val, bad_evals = ck["epoch"], ck["best_val"], ck["bad_evals"]
-        for name, g in gens.items():
-            g.set_state(ck["generators"][name].cpu())
-        print(f"resumed {last_path} at epoch {epoch}")
-    created, last_good = make_run_dir(args.out), last_path if args.resume else None  # every input is checked
-    if not args.resume and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
-    train = data["train"] if args.train_on == "windows" else whole_sequences(data["train"])
-    n = len(train["target"])
-    amp = torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp and device.type == "cuda")
-    print(f"{backbone} {args.item_emb}: {sum(p.numel() for p in model.parameters() if p.requires_grad):,} "
-          f"trainable parameters, {n:,} training {args.train_on}, device {device}, {torch.get_num_threads()} threads")
-    while epoch < args.epochs and bad_evals < args.patience:
-        epoch += 1
-        t0, cpu0, shown, total = time.time(), time.process_time(), time.time(), 0.0
-        model.train()
-        perm = torch.randperm(n, generator=gens["perm"]).to(device)
-        for step, i in enumerate(range(0, n, args.batch_size), 1):
-            idx = perm[i:i + args.batch_size]
-            with amp:
-                loss = loss_fn(train["seq"][idx], train["target"][idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()  # the per-step sync this loop already pays; a NaN or inf stops the run
-            if not math.isfinite(value):
-                raise diverged(args.out, f"loss became {value} at epoch {epoch} step {step}", last_good, created)
-            total += value * len(idx)
-            if time.time() - shown > args.progress_every:  # a slow machine is never silent for long
-                shown, rate = time.time(), (i + len(idx)) / (time.time() - t0)
-                print(f"epoch {epoch:3d} | step {step}/{-(-n // args.batch_size)} | {rate:,.0f} {args.train_on}/s"
-                      f" | ETA {(n - i - len(idx)) / rate:.0f}s", flush=True)
-        seconds = time.time() - t0
-        record = {"epoch": epoch, "loss": total / n, "seconds": round(seconds, 2),
-                  "cpu_seconds": round(time.process_time() - cpu0, 2), "samples_per_s": round(n / seconds)}
-        improved = False
-        if epoch % args.eval_every == 0 or epoch == args.epochs:
-            t0 = time.time()
-            record["valid"] = validate(model, data["valid"])  # float32 scores: bf16 would make ties
-            record["valid_seconds"] = round(time.time() - t0, 2)
-            improved = record["valid"]["NDCG@20"] > best_val
-            best_val, bad_evals = (record["valid"]["NDCG@20"], 0) if improved else (best_val, bad_evals + 1)
-        ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
-                "config": config, "epoch": epoch, "best_val": best_val, "bad_evals": bad_evals, "backbone": backbone,
-                "generators": {name: g.get_state() for name, g in gens.items()}}
-        if improved:
-            save_checkpoint(best_path, **ckpt)
-        save_checkpoint(last_path, **ckpt)
-        last_good = last_path
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        val = record.get("valid")
-        val_text = f" | valid NDCG@20 {val['NDCG@20']:.4f} HR@20 {val['HR@20']:.4f}" if val else ""
-        print(f"epoch {epoch:3d} | loss {record['loss']:.4f}{val_text} | {seconds:.1f}s, {n / seconds:,.0f} {args.train_on}/s",
-              flush=True)
-    best = load_checkpoint(best_path, device)
-    model.load_state_dict(best["model"])
-    model.eval()
-    per_sample = full_ranking(model.scorer(0), data["test"]["seq"], data["test"]["target"])
-    results = {"test": common.group_means(per_sample, splits["test"]["target"], splits["test"]["user"], meta)}
-    common.write_json(os.path.join(args.out, "metrics.json"), results)
-    print(f"best epoch {best['epoch']} (valid NDCG@20 {best['best_val']:.4f}); test, full ranking:")
-    print(common.format_table(results))
-
-
 def run(args):
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     gens = {"perm": seed_everything(args.seed),
@@ -326,40 +127,6 @@ def run(args):
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     loss_fn = lambda seq, target: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"])
     fit(args, model, model_args, optimizer, loss_fn, gens, "sasrec", {**vars(args), "device": device, **provenance})
-
-
-def add_loop_args(p):
-    """The encoder and training-loop flags both trainers share."""
-    p.add_argument("--num_blocks", type=int, default=1, help="Transformer blocks of the SASRec encoder")
-    p.add_argument("--num_heads", type=int, default=1, help="attention heads")
-    p.add_argument("--dropout", type=float, default=0.1, help="dropout rate of the encoder")
-    p.add_argument("--batch_size", type=int, default=256, help="samples per step: windows, or whole sequences")
-    p.add_argument("--train_on", choices=["sequences", "windows"], default=None, help="whole sequences, every position predicting its next item (SASRec, LLM-ESR), or one sample per target (official AlphaFuse); default: sequences for --split loo data, windows for user")
-    p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
-    p.add_argument("--patience", type=int, default=10, help="stop after this many evaluations without a better valid NDCG@20")
-    p.add_argument("--eval_every", type=int, default=1, help="epochs between validations")
-    p.add_argument("--seed", type=int, default=22, help="seed of the initialisation, the batch order and the sampling")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (scores for ranking stay float32)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, all cores)")
-    p.add_argument("--progress_every", type=float, default=10.0, help="seconds between progress lines inside an epoch")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
-
-
-# the intervals of the shared flags: seeds are NumPy's; above ~3e37 a float32 Adam step overflows
-LOOP_RANGES = {**dict.fromkeys(("hidden_dim", "num_blocks", "num_heads", "batch_size", "epochs", "patience", "eval_every"), "[1, inf)"),
-               "dropout": "[0, 1)", "lr": "(0, 1e37)", "weight_decay": "[0, 1e37)", "seed": "[0, 4294967296)"}
-
-
-def check_loop_args(p, args, ranges):
-    """Refuse a flag outside its interval (LOOP_RANGES, then the trainer's own `ranges`; NaN is in
-    none) before anything is read or written: parser.error, one line, exit 2."""
-    for flag, interval in {**LOOP_RANGES, **ranges}.items():
-        v, (lo, hi) = getattr(args, flag), map(float, interval[1:-1].split(","))
-        if not ((lo < v if interval[0] == "(" else lo <= v) and (v < hi if interval[-1] == ")" else v <= hi)):
-            p.error(f"--{flag} must be in {interval}, got {v}")
-    if args.item_emb not in ("alphafuse", "llminit") and args.hidden_dim % args.num_heads:  # else d is --subspace's
-        p.error(f"--num_heads {args.num_heads} must divide --hidden_dim {args.hidden_dim}")
 
 
 def main(argv=None):

@@ -8,13 +8,12 @@ the pruned full ranking; and whole-sequence training equals windows where the tw
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-from model import full_ranking, metrics_at, rank_of_target, rank_within
-import train_discriminative
-from train_discriminative import build_model, whole_sequences
+from model import full_ranking, rank_of_target, rank_within
+from train_discriminative import build_model
+from training import whole_sequences
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
 import reference  # noqa: E402
