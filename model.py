@@ -157,27 +157,43 @@ class SASRecEncoder(torch.nn.Module):
         return self.ln_f(x) if all_positions else self.ln_f(x[:, -1])
 
 
-class SampledDot(torch.autograd.Function):
-    """u (P, d) against the table rows idx (P, M) -> (P, M) dot products u_p . table[idx_pm].
+class SampledScores(torch.autograd.Function):
+    """u (P, d) against the table rows idx (P, M) -> (P, M) scores u_p . e_j, or u_p . e_j / |e_j|
+    with cosine=True (u is normalised by the caller), j = idx_pm, e_j = table[j].
 
-    The same numbers and gradients as torch.einsum("pd,pmd->pm", u, table[idx]); faster because
-    the rows are gathered with index_select and their gradient is scattered back with one
-    index_add into a (N+1, d) table, where autograd would scatter table[idx] with index_put."""
+    The numbers and gradients of the obvious einsum over the gathered (P, M, d) candidates (with
+    F.normalize for cosine, for norms above its eps 1e-12), without ever holding those candidates:
+    autograd would keep them, meet them again as a (P, M, d) gradient, scatter it with index_put,
+    and differentiate the norms of the whole table. Here the forward gathers 128 rows at a time
+    (they stay in cache) and the backward is two sparse products with
+    S = sum_pm w_pm e_p e_j^T (P, N+1), w = grad (/ |e_j| for cosine): grad_u = S table and
+    grad_table = S^T u, minus c_j e_j with c_j = sum_{pm: idx_pm = j} w_pm score_pm / |e_j| for
+    cosine (the derivative of 1/|e_j|). 3x faster than autograd's path at amazon-toys' windows,
+    10x at ml-1m's whole sequences (P = 12,800 positions a step)."""
 
     @staticmethod
-    def forward(ctx, u, table, idx):
-        E = table.index_select(0, idx.flatten()).view(*idx.shape, -1)  # (P, M, d)
-        ctx.save_for_backward(u, E, idx)
-        ctx.num_rows = table.shape[0]
-        return (E * u[:, None, :]).sum(-1)  # (P, M); 3x faster than a batched matrix-vector bmm on CPU
+    def forward(ctx, u, table, idx, cosine):
+        norm = torch.linalg.vector_norm(table, dim=1).clamp_min(1e-12) if cosine else None  # (N+1,)
+        scores = torch.cat([(table.index_select(0, idx[i:i + 128].flatten()).view(-1, idx.shape[1], u.shape[1])
+                             * u[i:i + 128, None, :]).sum(-1) for i in range(0, len(idx), 128)])  # (P, M)
+        if cosine:
+            scores = scores / norm[idx]
+        ctx.save_for_backward(u, table, idx, scores, norm)
+        ctx.cosine = cosine
+        return scores
 
     @staticmethod
     def backward(ctx, grad):  # grad (P, M)
-        u, E, idx = ctx.saved_tensors
-        grad_u = torch.bmm(grad[:, None, :], E)[:, 0]  # (P, d)
-        grad_E = grad[:, :, None] * u[:, None, :]  # (P, M, d)
-        grad_table = u.new_zeros(ctx.num_rows, u.shape[1]).index_add_(0, idx.flatten(), grad_E.flatten(0, 1))
-        return grad_u, grad_table, None
+        u, table, idx, scores, norm = ctx.saved_tensors
+        w = grad / norm[idx] if ctx.cosine else grad  # (P, M)
+        rows = torch.arange(len(idx), device=idx.device).repeat_interleave(idx.shape[1])
+        S = torch.sparse_coo_tensor(torch.stack([rows, idx.flatten()]), w.flatten(), (len(idx), len(table)),
+                                    check_invariants=False)
+        grad_u, grad_table = torch.sparse.mm(S, table), torch.sparse.mm(S.t(), u)
+        if ctx.cosine:
+            c = torch.zeros_like(norm).index_add_(0, idx.flatten(), (w * scores).flatten()) / norm  # (N+1,)
+            grad_table.addcmul_(c[:, None], table, value=-1)
+        return grad_u, grad_table, None, None
 
 
 # -----------------------------------------------------------------------------

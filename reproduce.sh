@@ -31,7 +31,8 @@ JOBS=${JOBS:-1}
 OUT=${OUT:-runs/repro}
 $PY -c "import matplotlib" 2>/dev/null || { echo "error: $PY has no matplotlib for the plots: $PY -m pip install -r requirements-dev.txt" >&2; exit 1; }
 mkdir -p $DOCS
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}
+THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}  # torch threads of each run
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
 
 for name in $DATASETS; do
     data=$DATA_ROOT/$name
@@ -57,7 +58,7 @@ queue() {  # RUN SCRIPT ARGS...: print the command line of one run, unless RUN i
     shift
     [ -f $run/metrics.json ] && return
     [ -f $run/last.pt ] && resume=--resume
-    echo "mkdir -p $run && $PY $* --out $run $resume >> $run/train.log 2>&1 || { echo failed: $run/train.log; exit 1; }"
+    echo "mkdir -p $run && $PY $* --out $run --threads $THREADS $resume >> $run/train.log 2>&1 || { echo failed: $run/train.log; exit 1; }"
 }
 
 status=0

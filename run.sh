@@ -12,6 +12,7 @@ cd "$(dirname "$0")"
 DATA=data/ml100k
 RUNS=runs/ml100k
 PY=.venv/bin/python
+THREADS=${THREADS:-$(nproc)}  # torch threads of each training run
 
 if [ ! -f .venv/.installed ]; then
     python3 -m venv .venv
@@ -28,10 +29,10 @@ fi
 
 for emb in alphafuse id; do
     [ -f $RUNS/sasrec_$emb/metrics.json ] || \
-        $PY train_discriminative.py $DATA --out $RUNS/sasrec_$emb --item_emb $emb --epochs 10 --patience 3
+        $PY train_discriminative.py $DATA --out $RUNS/sasrec_$emb --item_emb $emb --epochs 10 --patience 3 --threads $THREADS
 done
 [ -f $RUNS/dreamrec_alphafuse/metrics.json ] || \
-    $PY train_diffusion.py $DATA --out $RUNS/dreamrec_alphafuse --epochs 3 --lr 1e-3
+    $PY train_diffusion.py $DATA --out $RUNS/dreamrec_alphafuse --epochs 3 --lr 1e-3 --threads $THREADS
 [ -f $RUNS/popularity/metrics.json ] || \
     { mkdir -p $RUNS/popularity && $PY evaluate.py --popularity --data $DATA --out $RUNS/popularity/metrics.json; }
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 import common
 from common import DataError
-from model import SampledDot, SASRecEncoder, make_item_embedding, seed_everything
+from model import SampledScores, SASRecEncoder, make_item_embedding, seed_everything
 from training import add_loop_args, check_loop_args, fit, item_inputs, loop_defaults
 
 # -----------------------------------------------------------------------------
@@ -66,13 +66,10 @@ class SASRec(torch.nn.Module):
         return u @ e.T
 
     def sampled_logits(self, u, table, idx, score):
-        """u (P, d) against the items idx (P, M) -> (P, M), the same numbers as logits() at those
-        items. Cosine divides by the norms of the items after the dot product instead of
-        normalising the gathered (P, M, d) candidates: one pass over them instead of four."""
+        """u (P, d) against the items idx (P, M) -> (P, M), the numbers of logits() at those items."""
         if score == "cosine":
-            norm = torch.linalg.vector_norm(table, dim=1).clamp_min(1e-12)  # (N+1,) as F.normalize
-            return SampledDot.apply(F.normalize(u, dim=-1) / self.temperature, table, idx) / norm[idx]
-        return SampledDot.apply(u, table, idx)
+            return SampledScores.apply(F.normalize(u, dim=-1) / self.temperature, table, idx, True)
+        return SampledScores.apply(u, table, idx, False)
 
     @torch.no_grad()
     def scorer(self, seed=0):

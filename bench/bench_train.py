@@ -1,33 +1,26 @@
 """
-Benchmark of the training stages: SASRec and DreamRec, both with AlphaFuse item embeddings, on one
-dataset. Seconds per training epoch and samples/s come from the trainers' own log.jsonl (their
-main() runs unchanged, in this process); the test split's full ranking (for DreamRec: DDIM sampling
-of every test sample, then ranking) is timed around evaluate.py's main() and around its evaluate()
-alone (the ranking without loading the checkpoint and data).
+Benchmark of training and evaluation: our SASRec step and full ranking against the same model
+written the obvious way (bench/reference.py: every position through every block, the (B, 1+K, d)
+candidates gathered and normalised, plain Adam, the full (B, N+1) score matrix counted in int64),
+on the same weights and batches, at 1 and 2 threads; DreamRec's step and DDIM evaluation; and one
+ml-1m leave-one-out epoch in each training regime.
 
-    python bench/bench_train.py                                  # amazon-toys, random 384-d lang_emb, 1 epoch
-    python bench/bench_train.py --data data/toys --epochs 3      # a prepared DATA with lang_emb.npy
+    python bench/bench_train.py                       # amazon-toys and ml-1m from ../shared/data
+    python bench/bench_train.py --toys data/toys --ml1m data/ml1m --steps 100
 
-Without --data it prepares --source (default ../shared/data/amazon-toys, `--split user --seed 0`)
-into a temporary folder, writes a random lang_emb.npy (N, --d_l) of unit rows (the shape
-all-MiniLM-L6-v2 gives: times depend on shapes, not values) and decomposes it twice: subspace.pt
-with d = 128 (or d_l if smaller), d_n = d/2 (decompose.py's defaults) and subspace_dreamrec.pt with
-d = d_l, d_n = d_l/2 (a random matrix has no eigenvalue under the official tau = 0.25).
-With --data DATA it uses DATA/subspace.pt and DATA/subspace_dreamrec.pt, and makes a missing one in
-the temporary folder from DATA/lang_emb.npy (defaults; --null_thres 0.25 for DreamRec).
-The trainers run with their defaults (SASRec: InfoNCE with 64 negatives; DreamRec: T = 2000,
-20 DDIM steps, w = 5; batch 256 both) plus --sasrec_args / --dreamrec_args, validating only after
-the last epoch. Their output goes to RUN/output.txt in the temporary folder (--keep keeps it).
-Prints the dataset's sizes, the device, then one table row per backbone: d, seconds per epoch and
-training samples/s (mean over the epochs), evaluate.py's wall seconds on the test split, the
-seconds of its ranking alone and the test samples/s that makes; on CUDA also the peak GPU memory.
+--toys / --ml1m: prepared DATA folders with lang_emb.npy; without them the raw datasets in
+../shared/data are prepared into a temporary folder (amazon-toys --split user --seed 0, ml-1m
+--split loo) with random unit-row 384-d language embeddings (times depend on shapes, not values).
+The SASRec model is trained one epoch first (ours), so that evaluation ranks a model that has
+learned something: the pruned full ranking is faster for a random one. Samples/s are wall-clock
+rates over --steps batches of 256 (after 3 warm-up steps), the two sides alternating at each thread
+count; evaluation is the valid split. ml-1m: the whole-sequence epoch is timed in full, the windows
+epoch is extrapolated from --steps batches (it has 981,491 samples). Prints one line per figure.
 """
 
 import argparse
 import contextlib
-import json
 import os
-import shlex
 import shutil
 import sys
 import tempfile
@@ -40,135 +33,163 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import common  # noqa: E402
-from model import load_checkpoint  # noqa: E402
 import decompose  # noqa: E402
-import evaluate  # noqa: E402
 import prepare  # noqa: E402
+import reference  # noqa: E402
 import train_diffusion  # noqa: E402
 import train_discriminative  # noqa: E402
+import training  # noqa: E402
+from model import full_ranking, load_subspace  # noqa: E402
 
 
-def call(main, argv, log_path):
-    """main(argv) with its stdout appended to log_path; a failure (SystemExit) stops the benchmark
-    with the stage's own one-line message."""
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log):
-        try:
-            main(argv)
-        except SystemExit as e:
-            if e.code not in (None, 0):
-                message = str(e.code).removeprefix("error: ")
-                sys.exit(f"error: {main.__module__}.py {' '.join(argv)}: {message} (--keep keeps its output)")
+def make_data(source, out, split, tmp):
+    """A prepared DATA with lang_emb.npy and the subspaces, made in tmp from `source` unless `out` is given."""
+    quiet = contextlib.redirect_stdout(open(os.devnull, "w"))  # the stages' own reports are not figures
+    if not out:
+        out = os.path.join(tmp, os.path.basename(source))
+        with quiet:
+            prepare.main([source, "--out", out, "--split", split])
+        n = common.load_meta(out)["num_items"]
+        emb = np.random.default_rng(0).standard_normal((n, 384), dtype=np.float32)
+        np.save(os.path.join(out, "lang_emb.npy"), emb / np.linalg.norm(emb, axis=1, keepdims=True))
+    d_l = np.load(os.path.join(out, "lang_emb.npy"), mmap_mode="r").shape[1]
+    for name, flags in (("subspace.pt", []), ("subspace_dreamrec.pt", ["--dim", str(d_l), "--null_dim", str(d_l // 2)])):
+        if not os.path.exists(os.path.join(out, name)):  # DreamRec: d = d_l; the block sizes do not change the time
+            with quiet:
+                decompose.main([out, "--out", os.path.join(tmp, name), *flags])
+    path = lambda name: os.path.join(out, name) if os.path.exists(os.path.join(out, name)) else os.path.join(tmp, name)
+    return out, path("subspace.pt"), path("subspace_dreamrec.pt")
 
 
-def make_data(args, tmp):
-    """The DATA folder and the two subspace files, prepared in tmp where needed (module docstring)."""
-    log = os.path.join(tmp, "prepare.txt")
-    if args.data:
-        data = args.data
-    else:
-        data = os.path.join(tmp, "data")
-        call(prepare.main, [args.source, "--out", data, "--split", "user", "--seed", "0"], log)
-        n = common.load_meta(data)["num_items"]
-        emb = np.random.default_rng(0).standard_normal((n, args.d_l), dtype=np.float32)
-        np.save(os.path.join(data, "lang_emb.npy"), emb / np.linalg.norm(emb, axis=1, keepdims=True))
-    subspaces = {}
-    for name, flags in (("subspace.pt", []), ("subspace_dreamrec.pt", ["--null_thres", "0.25"])):
-        path = os.path.join(data, name)
-        if not os.path.exists(path):
-            if not args.data:  # random embeddings: fixed block sizes (d = 128 or d_l, d_n = d / 2)
-                d = min(128, args.d_l) if name == "subspace.pt" else args.d_l
-                flags = ["--dim", str(d), "--null_dim", str(d // 2)]
-            path = os.path.join(tmp, name)
-            call(decompose.main, [data, "--out", path, *flags], log)
-        subspaces[name] = path
-    return data, subspaces
+def sasrec(data, subspace, meta):
+    sub = load_subspace(subspace, meta["num_items"])
+    return train_discriminative.build_model(dict(
+        item_emb="alphafuse", num_items=meta["num_items"], d=sub["lang_emb"].shape[1], max_len=meta["max_len"],
+        num_blocks=1, num_heads=1, dropout=0.1, score="cosine", eval_score="cosine", temperature=0.07,
+        d_s=sub["d_s"]), sub["lang_emb"])
 
 
-def timed(fn, device):
-    """(result, wall seconds) of fn(), the GPU's queue drained on both ends."""
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
+def rate(step, batches):
+    """Samples/s of step(batch) over the batches, wall clock, after 3 warm-up steps."""
+    for b in batches[:3]:
+        step(b)
     t0 = time.perf_counter()
-    out = fn()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - t0
+    for b in batches[3:]:
+        step(b)
+    return sum(len(b[0]) for b in batches[3:]) / (time.perf_counter() - t0)
 
 
-def bench_backbone(name, trainer, data, subspace, extra, args, tmp):
-    """Train --epochs epochs through trainer.main, then time evaluate.py on the test split."""
-    run = os.path.join(tmp, name)
-    log = os.path.join(run, "output.txt")
-    os.makedirs(run)
-    if args.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(args.device)
-    call(trainer.main, [data, "--out", run, "--subspace", subspace, "--epochs", str(args.epochs),
-                        "--eval_every", str(args.epochs), "--device", args.device, *extra], log)
-    with open(os.path.join(run, "log.jsonl")) as f:
-        epochs = [json.loads(line) for line in f]
-    ckpt_path = os.path.join(run, "ckpt.pt")
-    _, eval_wall = timed(lambda: call(evaluate.main, [ckpt_path, "--out", os.path.join(run, "bench_metrics.json"),
-                                                      "--device", args.device], log), args.device)
-    # the ranking alone: the model and the data already loaded, as a trainer's validation has them
-    ckpt = load_checkpoint(ckpt_path, args.device)
-    model = evaluate.load_model(ckpt, args.device)
-    meta = common.load_meta(data)
-    results, rank_s = timed(lambda: evaluate.evaluate(model.scorer(0), data, meta, "test", (10, 20), args.device), args.device)
-    with open(os.path.join(run, "metrics.json")) as f:
-        if json.load(f)["test"] != results:  # the trainer's own test evaluation: a difference is a bug
-            print(f"WARNING: {name}: evaluate() disagrees with the trainer's metrics.json", file=sys.stderr)
-    n_test = len(common.load_split(data, "test", meta["num_items"])["target"])
-    return {"model": name, "d": ckpt["model_args"]["d"],
-            "s/epoch": sum(e["seconds"] for e in epochs) / len(epochs),
-            "train samples/s": sum(e["samples_per_s"] for e in epochs) / len(epochs),
-            "eval wall s": eval_wall, "rank s": rank_s, "test samples/s": n_test / rank_s,
-            "NDCG@20": results["all"]["NDCG@20"],
-            "peak GB": torch.cuda.max_memory_allocated(args.device) / 1e9 if args.device.startswith("cuda") else None}
+def sasrec_step(model, fast):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=fast)
+
+    def step(batch):
+        seq, target, neg = batch
+        loss = model.loss(seq, target, "infonce", 0, None, neg=neg) if fast else reference.loss(model, seq, target, neg)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return step
+
+
+def batches(split, n, num_items, g, K=64, B=256):
+    idx = torch.randperm(len(split["target"]), generator=g)[:n * B].split(B)
+    return [(split["seq"][i], split["target"][i], torch.randint(1, num_items + 1, (len(i), K), generator=g)) for i in idx]
+
+
+def eval_rate(fn, split, rows=None):
+    seq, target = split["seq"][:rows], split["target"][:rows]
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        fn(seq, target)
+    return len(target) / (time.perf_counter() - t0)
+
+
+def bench_toys(data, subspace, subspace_dreamrec, args):
+    meta, splits = common.load_dataset(data)
+    train, valid = ({k: torch.from_numpy(v) for k, v in splits[s].items()} for s in ("train", "valid"))
+    g = torch.Generator().manual_seed(0)
+    model = sasrec(data, subspace, meta)
+    step = sasrec_step(model, fast=True)
+    torch.set_num_threads(max(args.threads))
+    for b in batches(train, -(-len(train["target"]) // 256), meta["num_items"], g):  # one epoch: a model that ranks
+        step(b)
+    model.eval()
+    print(f"amazon-toys: N = {meta['num_items']:,}, L = {meta['max_len']}, {len(train['target']):,} training windows, "
+          f"{len(valid['target']):,} valid; SASRec trained 1 epoch (valid NDCG@20 "
+          f"{full_ranking(model.scorer(), valid['seq'], valid['target'])['NDCG@20'].mean():.4f})")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        model.train()
+        bs = batches(train, args.steps + 3, meta["num_items"], g)
+        slow, fast = rate(sasrec_step(model, False), bs), rate(sasrec_step(model, True), bs)
+        print(f"  SASRec train, {threads} thread(s): obvious {slow:,.0f} samples/s, ours {fast:,.0f} ({fast / slow:.1f}x)")
+        model.eval()
+        slow = eval_rate(lambda s, t: reference.metrics(model, s, t), valid)
+        fast = eval_rate(lambda s, t: full_ranking(model.scorer(), s, t), valid)
+        print(f"  SASRec full ranking, {threads} thread(s): obvious {slow:,.0f} samples/s, ours {fast:,.0f} ({fast / slow:.1f}x)")
+        sub = load_subspace(subspace_dreamrec)
+        dream = train_diffusion.build_model(dict(
+            item_emb="alphafuse", num_items=meta["num_items"], d=sub["lang_emb"].shape[1], max_len=meta["max_len"],
+            num_blocks=1, num_heads=1, dropout=0.1, timesteps=2000, beta_start=1e-4, beta_end=0.02, schedule="linear",
+            w=5.0, p_uncond=0.1, sample_steps=20, d_s=sub["d_s"]), sub["lang_emb"])
+        opt = torch.optim.AdamW(dream.parameters(), lr=1e-5, fused=True)
+
+        def dream_step(batch):
+            loss = dream.loss(batch[0], batch[1], g)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        train_rate = rate(dream_step, bs)
+        dream.eval()
+        ddim_rate = eval_rate(lambda s, t: full_ranking(dream.scorer(), s, t), valid, rows=4096)
+        print(f"  DreamRec, {threads} thread(s): train {train_rate:,.0f} samples/s, DDIM ({dream.sample_steps} steps, "
+              f"w = {dream.w}) + ranking {ddim_rate:,.0f} samples/s")
+
+
+def bench_ml1m(data, subspace, args):
+    meta, splits = common.load_dataset(data)
+    train = {k: torch.from_numpy(v) for k, v in splits["train"].items()}
+    sequences = training.whole_sequences(train)
+    g = torch.Generator().manual_seed(0)
+    torch.set_num_threads(max(args.threads))
+    model = sasrec(data, subspace, meta).train()
+    step = sasrec_step(model, fast=True)
+    windows = batches(train, args.steps + 3, meta["num_items"], g)
+    window_rate = rate(step, windows)
+    seq_batches = []
+    for i in torch.randperm(len(sequences["target"]), generator=g).split(256):
+        seq, target = sequences["seq"][i], sequences["target"][i]
+        seq_batches.append((seq, target, torch.randint(1, meta["num_items"] + 1, (int((target > 0).sum()), 64), generator=g)))
+    t0 = time.perf_counter()
+    for b in seq_batches:
+        step(b)
+    seq_seconds = time.perf_counter() - t0
+    n = len(train["target"])
+    print(f"ml-1m leave-one-out, {max(args.threads)} thread(s): windows {n:,} samples, {window_rate:,.0f}/s, an epoch "
+          f"~{n / window_rate:.0f} s (extrapolated from {args.steps} steps); whole sequences {len(sequences['target']):,} "
+          f"users, an epoch {seq_seconds:.1f} s ({n / window_rate / seq_seconds:.0f}x less time)")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=None, help="prepared DATA with lang_emb.npy (and subspace.pt, subspace_dreamrec.pt); default: prepare --source")
-    p.add_argument("--source", default=os.path.join(REPO, "..", "shared", "data", "amazon-toys"), help="raw dataset prepared when --data is not given")
-    p.add_argument("--d_l", type=int, default=384, help="d_l of the random lang_emb.npy made when --data is not given")
-    p.add_argument("--epochs", type=int, default=1, help="training epochs of each backbone")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--sasrec_args", default="", help="extra flags for train_discriminative.py, one quoted string")
-    p.add_argument("--dreamrec_args", default="", help="extra flags for train_diffusion.py, one quoted string")
-    p.add_argument("--tmp", default=None, help="parent of the temporary folder (default: the system temp)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary folder (runs, their output)")
+    shared = os.path.join(REPO, "..", "shared", "data")
+    p.add_argument("--toys", default=None, help="prepared amazon-toys DATA with lang_emb.npy (default: prepared from ../shared/data)")
+    p.add_argument("--ml1m", default=None, help="prepared ml-1m --split loo DATA with lang_emb.npy (default: prepared from ../shared/data)")
+    p.add_argument("--steps", type=int, default=60, help="timed training steps of 256 samples per figure")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch CPU thread counts to measure")
     args = p.parse_args(argv)
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    tmp = tempfile.mkdtemp(prefix="bench_train_", dir=args.tmp)
+    tmp = tempfile.mkdtemp(prefix="bench_train_")
+    training.keep_freed_memory()
     try:
-        data, subspaces = make_data(args, tmp)
-        meta = common.load_meta(data)
-        sizes = {s: len(common.load_split(data, s, meta["num_items"])["target"]) for s in common.SPLITS}
-        device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else \
-            f"cpu, {torch.get_num_threads()} threads, {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}"
-        print(f"{data}: N = {meta['num_items']:,} items, L = {meta['max_len']}, samples train {sizes['train']:,} / "
-              f"valid {sizes['valid']:,} / test {sizes['test']:,}; device {device_name}; {args.epochs} epoch(s)")
-        rows = [bench_backbone("sasrec_alphafuse", train_discriminative, data, subspaces["subspace.pt"],
-                               shlex.split(args.sasrec_args), args, tmp),
-                bench_backbone("dreamrec_alphafuse", train_diffusion, data, subspaces["subspace_dreamrec.pt"],
-                               shlex.split(args.dreamrec_args), args, tmp)]
-        formats = {"model": "s", "d": "d", "s/epoch": ".2f", "train samples/s": ",.0f", "eval wall s": ".3f",
-                   "rank s": ".3f", "test samples/s": ",.0f", "NDCG@20": ".4f", "peak GB": ".2f"}
-        print(" | ".join(formats))
-        for r in rows:
-            print(" | ".join("-" if r[c] is None else format(r[c], f) for c, f in formats.items()))
-        print(f"(s/epoch and train samples/s: the trainers' log.jsonl; eval wall s: evaluate.py main() on test; "
-              f"rank s: its evaluate() alone; load average after: {os.getloadavg()[0]:.1f})")
-        if args.keep:
-            print(f"kept {tmp}")
+        print(f"cpu: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
+        bench_toys(*make_data(os.path.join(shared, "amazon-toys"), args.toys, "user", tmp), args)
+        data, subspace, _ = make_data(os.path.join(shared, "ml-1m"), args.ml1m, "loo", tmp)
+        bench_ml1m(data, subspace, args)
+        print(f"load average after: {os.getloadavg()[0]:.1f}")
     except common.DataError as e:
         sys.exit(f"error: {e}")
     finally:
-        if not args.keep:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,15 @@ the pruned full ranking; and whole-sequence training equals windows where the tw
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
 
+import common
+import decompose
+from conftest import prepare_toy
 from model import full_ranking, rank_of_target, rank_within
+import train_discriminative
 from train_discriminative import build_model
 from training import whole_sequences
 
@@ -136,3 +141,23 @@ def test_whole_sequences_equal_windows_where_they_coincide():
     by_windows = model.loss(windows["seq"], windows["target"], "infonce", K, None, neg=neg)
     by_sequences = model.loss(sequences["seq"], sequences["target"], "infonce", K, None, neg=neg)
     torch.testing.assert_close(by_sequences, by_windows, rtol=1e-5, atol=1e-6)
+
+
+def test_threads_and_progress_lines(tmp_path, capsys):
+    """--threads sets torch's threads (the header says so) and --progress_every 0 prints a line
+    with the step, the rate and the ETA after every step, so a slow machine is never silent."""
+    data, rng = prepare_toy(tmp_path)
+    n = common.load_meta(data)["num_items"]
+    np.save(os.path.join(data, "lang_emb.npy"), rng.standard_normal((n, 24)).astype(np.float32))
+    decompose.main([data, "--dim", "16", "--null_dim", "8"])
+    threads = torch.get_num_threads()
+    try:
+        train_discriminative.main([data, "--out", str(tmp_path / "run"), "--epochs", "1", "--batch_size", "64",
+                                   "--neg_ratio", "8", "--threads", "2", "--progress_every", "0", "--device", "cpu"])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "2 threads" in out
+    steps = [line for line in out.splitlines() if "| step " in line]
+    assert len(steps) >= 2 and all("windows/s" in line and "ETA" in line for line in steps), out
