@@ -220,6 +220,13 @@ def load_checkpoint(path, device="cpu", what="checkpoint", missing=""):
 SUBSPACE_KEYS = ("mean", "eigenvalues", "basis", "lang_emb", "d_s", "d_n")
 
 
+def keep_padding_row(param):
+    """Row 0 of an item table (the padding item) never gets a gradient, whether the table is read
+    by lookups or whole (table()), so it stays the zero vector; returns param."""
+    param.register_hook(lambda g: g.index_fill(0, torch.zeros(1, dtype=torch.long, device=g.device), 0.0))
+    return param
+
+
 def load_subspace(path, num_items=None):
     """decompose.py's output -> dict, checked: lang_emb float (N+1, d) with a zero padding row 0 and
     finite values, d = d_s + d_n, and N = num_items when given (from meta.json)."""
@@ -257,10 +264,10 @@ class FusedItemEmbedding(torch.nn.Module):
         lang = lang_emb.detach().to(torch.float32).clone()
         lang[0] = 0
         if train_lang:
-            self.lang = torch.nn.Parameter(lang)
+            self.lang = keep_padding_row(torch.nn.Parameter(lang))
         else:
             self.register_buffer("lang", lang)
-        self.id_emb = torch.nn.Parameter(torch.zeros(n1, d - d_s))  # (N+1, d_n)
+        self.id_emb = keep_padding_row(torch.nn.Parameter(torch.zeros(n1, d - d_s)))  # (N+1, d_n)
         if id_init == "normal":
             with torch.no_grad():
                 self.id_emb[1:].normal_()
@@ -303,6 +310,7 @@ def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, 
     if item_emb in ("morec", "whitenrec"):
         return AdapterEmbedding(init, d)
     table = torch.nn.Embedding(num_items + 1, d, padding_idx=0)
+    keep_padding_row(table.weight)  # padding_idx guards lookups; table() is read directly
     with torch.no_grad():
         table.weight.copy_(init if item_emb == "llminit" else torch.randn(num_items + 1, d) * (id_init == "normal"))
         table.weight[0] = 0

@@ -161,3 +161,17 @@ def test_threads_and_progress_lines(tmp_path, capsys):
     assert "2 threads" in out
     steps = [line for line in out.splitlines() if "| step " in line]
     assert len(steps) >= 2 and all("windows/s" in line and "ETA" in line for line in steps), out
+
+
+@pytest.mark.parametrize("item_emb", ["alphafuse", "id", "llminit"])
+def test_padding_row_stays_zero_when_the_whole_table_is_trained(item_emb):
+    """table() is read whole (not by padding-aware lookups); row 0, the padding item, still gets
+    no gradient and stays the zero vector through Adam steps on a loss that touches it."""
+    model = sasrec(item_emb)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, weight_decay=0.1)
+    for _ in range(3):
+        loss = model.table().pow(2).sum() + model.table()[0].sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert not model.table()[0].any()
