@@ -84,6 +84,15 @@ class DreamRec(torch.nn.Module):
         uncond = self.predict_x0(x_t, self.null_c.expand_as(c), t)
         return (1 + self.w) * self.predict_x0(x_t, c, t) - self.w * uncond
 
+    def guided_x0_fn(self, c):
+        """guided_x0 for a fixed condition c (B, d), as a function of (x_t (B, d), t (1,)). f is one
+        Linear over [x_t, c, t_emb], so the guided prediction is W_x x_t + W_t t_emb + b
+        + W_c ((1 + w) c - w null), whose last terms are the same at every DDIM step: a step costs
+        one (B, d) x (d, d) product instead of two of (B, 3d) x (3d, d), 6x less."""
+        W_x, W_c, W_t = self.denoiser.weight.split(c.shape[1], dim=1)  # 3 x (d, d)
+        fixed = F.linear((1 + self.w) * c - self.w * self.null_c, W_c, self.denoiser.bias)  # (B, d)
+        return lambda x_t, t: x_t @ W_x.T + (self.step_mlp(timestep_embedding(t, c.shape[1])) @ W_t.T + fixed)
+
     def loss(self, seq, target, generator):
         """seq (B, L) and target (B,) (windows), or target (B, L), the item after every position,
         0 after padding (whole sequences: every real position conditions one x0)."""
@@ -108,9 +117,9 @@ class DreamRec(torch.nn.Module):
         """Deterministic DDIM (eta = 0): x_T ~ N(0, I), then at each step t -> t_prev
         x_{t_prev} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev) eps_hat, eps_hat implied by x0_hat."""
         x = torch.randn(c.shape, device=c.device, generator=generator)
-        steps = self.sample_timesteps()
+        x0_fn, steps = self.guided_x0_fn(c), self.sample_timesteps()
         for t, t_prev in zip(steps, steps[1:] + [-1]):
-            x0_hat = self.guided_x0(x, c, torch.full((len(c),), t, device=c.device))
+            x0_hat = x0_fn(x, torch.tensor([t], device=c.device))
             abar, abar_prev = self.alphas_cumprod[t], self.alphas_cumprod[t_prev] if t_prev >= 0 else 1.0
             eps_hat = (x - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
             x = math.sqrt(abar_prev) * x0_hat + math.sqrt(1 - abar_prev) * eps_hat
