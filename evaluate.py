@@ -88,10 +88,10 @@ def popularity_scorer(meta, device):
     return lambda seq: torch.ones(len(seq), 1, device=device), pop
 
 
-def evaluate(score_all, data_dir, meta, split, ks, device, mask_history=False, sampled=0, seed=0, batch_size=1024):
+def evaluate(scorer, data_dir, meta, split, ks, device, mask_history=False, sampled=0, seed=0, batch_size=1024):
     arrays = common.load_split(data_dir, split, meta["num_items"], meta["max_len"], len(meta["user_history_len"]))
     seq, target = (torch.from_numpy(arrays[k]).to(device) for k in ("seq", "target"))
-    per_sample = full_ranking(score_all, seq, target, ks, batch_size, mask_history, sampled, seed)
+    per_sample = full_ranking(scorer, seq, target, ks, batch_size, mask_history, sampled, seed)
     return common.group_means(per_sample, arrays["target"], arrays["user"], meta)
 
 
@@ -115,18 +115,18 @@ def run(args, ks):
         if not args.data:
             raise DataError("--popularity needs --data DATA")
         meta = common.load_meta(args.data)
-        score_all, data_dir = popularity_scorer(meta, args.device), args.data
+        scorer, data_dir = popularity_scorer(meta, args.device), args.data
         out = args.out or os.path.join(args.data, "popularity.json")
     else:
         if not args.ckpt:
             raise DataError("give a checkpoint CKPT, or --popularity --data DATA")
-        score_all, data_dir, meta = load_trained(args)
+        scorer, data_dir, meta = load_trained(args)
         out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "metrics.json")
     common.check_output(out)  # the inputs first (a missing CKPT is the news), then out, before ranking
     if args.sampled > meta["num_items"] - meta["max_len"] - 1:
         raise DataError(f"--sampled {args.sampled}: only N - L - 1 = {meta['num_items'] - meta['max_len'] - 1} "
                         f"items are sure to lie outside a history window")
-    results = {args.split: evaluate(score_all, data_dir, meta, args.split, ks, args.device,
+    results = {args.split: evaluate(scorer, data_dir, meta, args.split, ks, args.device,
                                     args.mask_history, args.sampled, args.seed, args.batch_size)}
     try:
         common.write_json(out, results)
@@ -151,12 +151,17 @@ def main(argv=None):
     p.add_argument("--batch_size", type=int, default=1024, help="samples scored at once")
     p.add_argument("--out", default=None, help="output JSON (default: metrics.json beside CKPT)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, all cores)")
     args = p.parse_args(argv)
     ks = parse_ks(p, args.ks)
     if args.batch_size < 1:
         p.error(f"--batch_size {args.batch_size}: must be at least 1")
     if args.sampled < 0:
         p.error(f"--sampled {args.sampled}: must be >= 0 (0 ranks against all items)")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads {args.threads}: must be at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.device = check_device(p, args.device)
     try:
         run(args, ks)

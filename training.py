@@ -224,5 +224,9 @@ def check_loop_args(p, args, ranges):
         v, (lo, hi) = getattr(args, flag), map(float, interval[1:-1].split(","))
         if not ((lo < v if interval[0] == "(" else lo <= v) and (v < hi if interval[-1] == ")" else v <= hi)):
             p.error(f"--{flag} must be in {interval}, got {v}")
+    if args.threads is not None and args.threads < 1:
+        p.error(f"--threads must be in [1, inf), got {args.threads}")
+    if not args.progress_every >= 0:
+        p.error(f"--progress_every must be in [0, inf), got {args.progress_every}")
     if args.item_emb not in ("alphafuse", "llminit") and args.hidden_dim % args.num_heads:  # else d is --subspace's
         p.error(f"--num_heads {args.num_heads} must divide --hidden_dim {args.hidden_dim}")

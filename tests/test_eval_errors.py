@@ -64,8 +64,8 @@ def evaluate_fails(tmp_path, *args, names, out=None, argparse_ok=False):
 
 @pytest.mark.parametrize("flags,name", [
     (["--ks", "0"], "--ks"), (["--ks", "abc"], "--ks"), (["--ks", ""], "--ks"), (["--ks", "10,-5"], "--ks"),
-    (["--batch_size", "0"], "--batch_size"), (["--sampled", "-1"], "--sampled")],
-    ids=["ks-zero", "ks-word", "ks-empty", "ks-negative", "batch-zero", "sampled-negative"])
+    (["--batch_size", "0"], "--batch_size"), (["--sampled", "-1"], "--sampled"), (["--threads", "0"], "--threads")],
+    ids=["ks-zero", "ks-word", "ks-empty", "ks-negative", "batch-zero", "sampled-negative", "threads-zero"])
 def test_evaluate_bad_flag_is_refused(toy, tmp_path, flags, name):
     """A cut-off K < 1 (which would write @0 metrics), a K that is not an integer, a batch size < 1
     or a negative --sampled is an argparse error naming the flag; nothing is written."""

@@ -56,7 +56,8 @@ def sha256(path):
 
 SHARED_BAD = [("--batch_size", "0"), ("--eval_every", "0"), ("--num_heads", "0"), ("--dropout", "1.5"),
               ("--lr", "-1"), ("--epochs", "0"), ("--patience", "0"), ("--weight_decay", "-1"),
-              ("--hidden_dim", "0"), ("--num_blocks", "0"), ("--seed", "-1")]
+              ("--hidden_dim", "0"), ("--num_blocks", "0"), ("--seed", "-1"), ("--threads", "0"),
+              ("--progress_every", "-1")]
 OWN_BAD = [("train_discriminative.py", flag, value) for flag, value in
            [("--neg_ratio", "-1"), ("--neg_ratio", "0"), ("--temperature", "0"), ("--temperature", "-1")]] + \
           [("train_diffusion.py", flag, value) for flag, value in
