@@ -139,37 +139,37 @@ def retry_after(r):
 
 class Limiter:
     """At most `limit` requests in flight, adapted as TCP adapts to a network (AIMD): a timeout, 429,
-    503 or 504 halves it (down to 1), so an overloaded server's queue drains instead of timing out
-    every request in it; a success adds 1/limit, up to --workers. It starts at 1: the first batch
-    goes alone, so a bad key or model costs one request, and its answer fixes d for the rest."""
+    503 or 504 ("busy") halves it (down to 1), so an overloaded server's queue drains instead of
+    timing out every request in it; a success adds 1/limit, up to --workers. It starts at 1: the
+    first batch goes alone, so a bad key or model costs one request, and its answer fixes d.
+    A batch retried after "busy" goes alone, with no other request of ours queued before or after
+    it, and waits twice --timeout (as TCP doubles its retransmission timeout): at worst it waits for
+    one abandoned request that the server is still encoding, then for its own."""
 
     def __init__(self, most):
-        self.most, self.limit, self.in_flight = most, 1.0, 0
+        self.most, self.limit, self.in_flight, self.alone = most, 1.0, 0, 0
         self.cond, self.stop = threading.Condition(), threading.Event()
 
-    def acquire(self):
-        """Wait for a free slot; False if stopped meanwhile."""
+    def acquire(self, alone=False):
+        """Wait for a free slot (alone: for none in flight); False once stopped (counts no longer matter)."""
         with self.cond:
-            self.cond.wait_for(lambda: self.stop.is_set() or self.in_flight < int(self.limit))
-            if self.stop.is_set():
-                return False
+            self.alone += alone  # holds the others back from now until it is answered
+            self.cond.wait_for(lambda: self.stop.is_set() or (
+                self.in_flight == 0 if alone else self.in_flight < int(self.limit) and not self.alone))
             self.in_flight += 1
-            return True
+            return not self.stop.is_set()
 
-    def release(self, outcome):
+    def release(self, outcome=None, alone=False):
+        """outcome "ok" or "busy" adapts the limit; "stop" (a failure for good, Ctrl-C) ends every worker."""
         with self.cond:
             self.in_flight -= 1
+            self.alone -= alone
             if outcome == "busy":
                 self.limit = max(1.0, self.limit / 2)
             elif outcome == "ok":
                 self.limit = min(self.most, self.limit + 1 / int(self.limit))
-            elif outcome == "fatal":  # no other worker may send another request with a bad key
+            elif outcome == "stop":
                 self.stop.set()
-            self.cond.notify_all()
-
-    def halt(self):  # on failure or Ctrl-C: waiting and retrying workers give up, queued batches are dropped
-        with self.cond:
-            self.stop.set()
             self.cond.notify_all()
 
 
@@ -208,12 +208,13 @@ class Endpoint:
             payload["dimensions"] = args.dimensions
         if not hasattr(self.local, "session"):
             self.local.session = requests.Session()  # one per thread: keep-alive, no sharing
+        alone = False  # the retry of a batch that met a busy server: see Limiter
         for attempt in range(args.max_retries + 1):
             wait, outcome = None, None
-            if not self.limiter.acquire():
+            if not self.limiter.acquire(alone):
                 return None
             try:
-                r = self.local.session.post(self.url, json=payload, auth=self.auth, timeout=args.timeout)
+                r = self.local.session.post(self.url, json=payload, auth=self.auth, timeout=args.timeout * (1 + alone))
                 if 200 <= r.status_code < 300:
                     E = parse_embeddings(r.json(), len(texts))
                     if self.dim not in (None, E.shape[1]):
@@ -224,11 +225,12 @@ class Endpoint:
                 problem, wait = f"HTTP {r.status_code}: {self.redact(server_message(r))}", retry_after(r)
                 outcome = "busy" if r.status_code in BUSY_STATUS else None
                 if r.status_code not in RETRY_STATUS and r.status_code < 500:
-                    outcome = "fatal"
+                    outcome = "stop"  # no other worker may send another request with a bad key
                     raise EndpointError(f"{self.name}: {problem}")
             except requests.RequestException as e:  # timeouts, refused or dropped connections
                 reason = getattr(e.args[0], "reason", None) if e.args else None  # urllib3's, without "Max retries"
                 if isinstance(getattr(reason, "__cause__", None), ConnectionRefusedError) and self.dim is None:
+                    outcome = "stop"
                     raise EndpointError(f"{self.name}: connection refused; is the server running? "  # at the start: no retry helps
                                         "(start the local one with: python serve_embeddings.py)") from None
                 problem = self.redact(f"{type(e).__name__}: {reason or e}")[:300]
@@ -236,7 +238,8 @@ class Endpoint:
             except ValueError as e:  # invalid JSON or a response that fails validation
                 problem = self.redact(f"malformed response: {e}")[:300]
             finally:
-                self.limiter.release(outcome)
+                self.limiter.release(outcome, alone)
+            alone = outcome == "busy"
             if attempt == args.max_retries:
                 raise EndpointError(f"{self.name}: giving up after {attempt + 1} attempts: {problem}")
             if wait is None:  # exponential backoff with jitter, so parallel workers do not retry in step
@@ -295,7 +298,7 @@ def embed_items(args, api_key):
                 print(f"embedded {done}/{total}  {rate:.1f} texts/s  ETA {(total - done) / rate:.0f}s",
                       file=sys.stderr, flush=True)
     finally:
-        endpoint.limiter.halt()
+        endpoint.limiter.release("stop")  # on failure or Ctrl-C: workers stop retrying, queued batches are dropped
         pool.shutdown(wait=False, cancel_futures=True)
         if cache is not None:
             cache.close()
