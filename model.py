@@ -164,7 +164,7 @@ class SampledScores(torch.autograd.Function):
     The numbers and gradients of the obvious einsum over the gathered (P, M, d) candidates (with
     F.normalize for cosine, for norms above its eps 1e-12), without ever holding those candidates:
     autograd would keep them, meet them again as a (P, M, d) gradient, scatter it with index_put,
-    and differentiate the norms of the whole table. Here the forward gathers 128 rows at a time
+    and differentiate the norms of the whole table. Here the forward gathers 64 rows at a time
     (they stay in cache) and the backward is two sparse products with
     S = sum_pm w_pm e_p e_j^T (P, N+1), w = grad (/ |e_j| for cosine): grad_u = S table and
     grad_table = S^T u, minus c_j e_j with c_j = sum_{pm: idx_pm = j} w_pm score_pm / |e_j| for
@@ -174,8 +174,10 @@ class SampledScores(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, table, idx, cosine):
         norm = torch.linalg.vector_norm(table, dim=1).clamp_min(1e-12) if cosine else None  # (N+1,)
-        scores = torch.cat([(table.index_select(0, idx[i:i + 128].flatten()).view(-1, idx.shape[1], u.shape[1])
-                             * u[i:i + 128, None, :]).sum(-1) for i in range(0, len(idx), 128)])  # (P, M)
+        scores = u.new_empty(idx.shape)  # (P, M)
+        for i in range(0, len(idx), 64):  # 64 rows of candidates (64, M, d) at a time stay in cache
+            E = table.index_select(0, idx[i:i + 64].flatten()).view(-1, idx.shape[1], u.shape[1])
+            scores[i:i + 64] = torch.linalg.vecdot(E, u[i:i + 64, None, :])
         if cosine:
             scores = scores / norm[idx]
         ctx.save_for_backward(u, table, idx, scores, norm)
