@@ -112,8 +112,8 @@ def fake_server():
     """Factory: fake_server(faults=[...], always=None, hang_after=None, ...) -> (server, base_url)."""
     servers = []
 
-    def start(faults=(), always=None, hang_after=None, dim=8, reverse=False, ignore_format=False, userinfo=""):
-        srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeHandler)
+    def start(faults=(), always=None, hang_after=None, dim=8, reverse=False, ignore_format=False, userinfo="", port=0):
+        srv = ThreadingHTTPServer(("127.0.0.1", port), FakeHandler)
         srv.lock, srv.release = threading.Lock(), threading.Event()
         srv.inputs, srv.payloads, srv.auth, srv.times, srv.paths = [], [], [], [], []
         srv.faults, srv.always, srv.hang_after, srv.dim = list(faults), always, hang_after, dim

@@ -10,8 +10,10 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
+import numpy as np
 import pytest
 
 import embed
@@ -159,3 +161,24 @@ def test_a_torn_record_rerequests_its_whole_original_batch(tmp_path, fake_server
     embed.main([str(data), "--base_url", url] + FAST)
     assert len(srv.inputs) == 8 + 1 and torn in srv.inputs[-1] and srv.inputs[-1] in srv.inputs[:-1]
     assert outputs(data) == first
+
+
+def test_a_refused_connection_mid_run_is_retried(tmp_path, fake_server, capfd):
+    """Once the server has answered, a refused connection is a restarting server, not a wrong URL:
+    the run retries until a server listens on the port again, and finishes with every vector."""
+    srv, url = fake_server(faults=[None, "drop"])  # the second request: connection closed, no answer
+    port = srv.server_address[1]
+
+    def restart():
+        deadline = time.time() + 30
+        while len(srv.inputs) < 2 and time.time() < deadline:
+            time.sleep(0.005)
+        srv.shutdown()
+        srv.server_close()  # nothing listens on the port: connections are refused
+        time.sleep(0.5)
+        fake_server(port=port)
+
+    threading.Thread(target=restart).start()
+    proc = run_main(capfd, make_data(tmp_path), "--base_url", url, *FAST, "--backoff_base", "0.2", "--backoff_max", "1", "--max_retries", "6")
+    assert proc.returncode == 0 and "refused" in proc.stderr, proc.stderr
+    assert np.array_equal(np.load(tmp_path / "lang_emb.npy"), expected())
