@@ -10,13 +10,11 @@ Reads  DATA/items.jsonl    N lines {"item_id": str, "text": str}
 Writes DATA/lang_emb.npy   float32 (N, d_l): row i embeds line i of items.jsonl (item i+1)
        DATA/lang_emb.json  model, dimension d_l, base_url (no credentials), num_items, texts_sha256
                            (hex sha256 of Python's json.dumps(texts), ASCII-escaped)
-       DATA/lang_emb.cache append-only records (magic, sha256 of [model, dimensions, text], d, crc32,
-                           d float32), created with the first vector: a repeated or interrupted run
-                           requests only the batches it lacks (batches are fixed by item order, so the
-                           output is byte-identical); a torn last record (kill -9 mid-write) fails its
-                           length or crc32 check and is cut off. Delete it to re-embed from scratch.
-The key is read from the environment variable --api_key_env (sent as a Bearer token when set) and is
-never printed or written; nor are the ?query of --base_url (sent) or user:password@ (refused).
+       DATA/lang_emb.cache checksummed vectors keyed by (model, dimensions, text), from the first one
+                           on: a rerun requests only the batches it lacks (batches are fixed by item
+                           order, so its output is byte-identical). Delete it to re-embed from scratch.
+The key, read from the environment variable --api_key_env (a Bearer token), and the ?query of
+--base_url (sent: Azure's api-version) are never printed or written; user:password@ is refused.
 Progress (texts/s, ETA) and retries go to stderr; a summary line to stdout.
 """
 
@@ -139,19 +137,17 @@ def retry_after(r):
 
 class Limiter:
     """At most `limit` requests in flight, adapted as TCP adapts to a network (AIMD): a timeout, 429,
-    503 or 504 ("busy") halves it (down to 1), so an overloaded server's queue drains instead of
-    timing out every request in it; a success adds 1/limit, up to --workers. It starts at 1: the
-    first batch goes alone, so a bad key or model costs one request, and its answer fixes d.
-    A batch retried after "busy" goes alone, with no other request of ours queued before or after
-    it, and waits twice --timeout (as TCP doubles its retransmission timeout): at worst it waits for
-    one abandoned request that the server is still encoding, then for its own."""
+    503 or 504 ("busy") halves it, down to 1, so an overloaded server's queue drains instead of timing
+    out every request in it; a success adds 1/limit, up to --workers. It starts at 1: the first batch
+    goes alone, so a bad key or model costs one request. The retry of a batch that met "busy" goes
+    alone (no request of ours before or after it in the server's queue) with twice --timeout, as TCP
+    doubles its retransmission timeout: it waits at most for one abandoned encode, then its own."""
 
     def __init__(self, most):
         self.most, self.limit, self.in_flight, self.alone = most, 1.0, 0, 0
         self.cond, self.stop = threading.Condition(), threading.Event()
 
-    def acquire(self, alone=False):
-        """Wait for a free slot (alone: for none in flight); False once stopped (counts no longer matter)."""
+    def acquire(self, alone=False):  # -> False once stopped (the counts no longer matter then)
         with self.cond:
             self.alone += alone  # holds the others back from now until it is answered
             self.cond.wait_for(lambda: self.stop.is_set() or (
@@ -159,8 +155,7 @@ class Limiter:
             self.in_flight += 1
             return not self.stop.is_set()
 
-    def release(self, outcome=None, alone=False):
-        """outcome "ok" or "busy" adapts the limit; "stop" (a failure for good, Ctrl-C) ends every worker."""
+    def release(self, outcome=None, alone=False):  # "stop": a failure for good or Ctrl-C ends every worker
         with self.cond:
             self.in_flight -= 1
             self.alone -= alone
@@ -176,22 +171,19 @@ class Limiter:
 class Endpoint:
     """POST batches of texts to {base_url}/embeddings?{query} with retries; safe to call from many threads."""
 
-    def __init__(self, args, api_key):
+    def __init__(self, args, api_key, dim):
         query = urllib.parse.urlsplit(args.base_url).query  # sent (Azure needs ?api-version=), never printed
         self.name = public_url(args.base_url) + "/embeddings"
-        self.url = self.name + (f"?{query}" if query else "")
-        self.args, self.api_key = args, api_key
-        # what a server may echo into its messages: the key, and the query values as written and decoded
-        values = [part.partition("=")[2] for part in query.split("&")]
-        secrets = {api_key, *values, *map(urllib.parse.unquote_plus, values)} - {""}
-        self.secrets = sorted(secrets, key=len, reverse=True)
+        self.url, self.args = self.name + (f"?{query}" if query else ""), args
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        values = [part.partition("=")[2] for part in query.split("&")]  # as written and decoded: servers echo
+        self.secrets = sorted({api_key, *values, *map(urllib.parse.unquote_plus, values)} - {""}, key=len, reverse=True)
         self.limiter, self.local = Limiter(args.workers), threading.local()
-        self.dim = None  # every response must have the d of the first one
+        self.dim = dim  # --dimensions, the cached vectors', or else the first answer's: every answer must match
+        self.answered = False  # until the server answers, a refused connection means a wrong URL or no server
 
-    def auth(self, r):
-        """Passed to requests explicitly, so that it never sends HTTP Basic auth from ~/.netrc instead."""
-        if self.api_key:
-            r.headers["Authorization"] = f"Bearer {self.api_key}"
+    def auth(self, r):  # given to requests explicitly, so that it never sends ~/.netrc's Basic auth instead
+        r.headers.update(self.headers)
         return r
 
     def redact(self, msg):
@@ -215,28 +207,31 @@ class Endpoint:
                 return None
             try:
                 r = self.local.session.post(self.url, json=payload, auth=self.auth, timeout=args.timeout * (1 + alone))
+                self.answered = True
                 if 200 <= r.status_code < 300:
                     E = parse_embeddings(r.json(), len(texts))
                     if self.dim not in (None, E.shape[1]):
-                        raise ValueError(f"dimension {E.shape[1]}, expected {self.dim}")
-                    # no race: until the first success the limit is 1, so this answer is the only one
-                    self.dim, outcome = E.shape[1], "ok"
+                        raise EndpointError(f"{self.name} returns {E.shape[1]}-d vectors, expected {self.dim} (--dimensions, "
+                                            "the first answer or the cache: delete lang_emb.cache if the model changed)")
+                    self.dim, outcome = E.shape[1], "ok"  # no race: the limit is 1 until the first success
                     return E
                 problem, wait = f"HTTP {r.status_code}: {self.redact(server_message(r))}", retry_after(r)
                 outcome = "busy" if r.status_code in BUSY_STATUS else None
                 if r.status_code not in RETRY_STATUS and r.status_code < 500:
-                    outcome = "stop"  # no other worker may send another request with a bad key
                     raise EndpointError(f"{self.name}: {problem}")
             except requests.RequestException as e:  # timeouts, refused or dropped connections
                 reason = getattr(e.args[0], "reason", None) if e.args else None  # urllib3's, without "Max retries"
-                if isinstance(getattr(reason, "__cause__", None), ConnectionRefusedError) and self.dim is None:
-                    outcome = "stop"
-                    raise EndpointError(f"{self.name}: connection refused; is the server running? "  # at the start: no retry helps
+                if isinstance(getattr(reason, "__cause__", None), ConnectionRefusedError) and not self.answered:
+                    outcome = "stop"  # nothing listens there: no retry can help
+                    raise EndpointError(f"{self.name}: connection refused; is the server running? "
                                         "(start the local one with: python serve_embeddings.py)") from None
                 problem = self.redact(f"{type(e).__name__}: {reason or e}")[:300]
                 outcome = "busy" if isinstance(e, requests.Timeout) else None
             except ValueError as e:  # invalid JSON or a response that fails validation
                 problem = self.redact(f"malformed response: {e}")[:300]
+            except EndpointError:  # no retry can help: no other worker may send another request either
+                outcome = "stop"
+                raise
             finally:
                 self.limiter.release(outcome, alone)
             alone = outcome == "busy"
@@ -265,11 +260,10 @@ def embed_items(args, api_key):
     batches = [distinct[i:i + args.batch_size] for i in range(0, len(distinct), args.batch_size)]
     todo = [b for b in batches if any(k not in vectors for k, _ in b)]
     total = sum(map(len, todo))
-    endpoint = Endpoint(args, api_key)
+    endpoint = Endpoint(args, api_key, args.dimensions or next((len(v) for v in vectors.values()), None))
     plan = (f"{len(texts)} items, {len(distinct)} distinct texts, {len(vectors)} cached; requesting {total} "
             f"in {len(todo)} batches from {endpoint.name} (model {args.model})")
 
-    expected = args.dimensions or (len(next(iter(vectors.values()))) if vectors else None)
     if todo and os.path.exists(cache_path) and os.path.getsize(cache_path) > valid:
         os.truncate(cache_path, valid)  # cut a torn tail off so that new records follow valid ones
     t0, done, shown, cache = time.time(), 0, 0.0, None
@@ -280,9 +274,6 @@ def embed_items(args, api_key):
             batch, E = futures[future], future.result()
             if E is None:
                 continue
-            if expected not in (None, E.shape[1]):
-                raise EndpointError(f"{endpoint.name} returns {E.shape[1]}-d vectors, expected {expected} "
-                                    f"(--dimensions, or the cached vectors: delete {cache_path} if the model changed)")
             new = [(k, e) for (k, _), e in zip(batch, E) if k not in vectors]
             if cache is None:  # created with the first vector: a run that fails before leaves no empty file
                 cache = open(cache_path, "ab")
@@ -302,8 +293,6 @@ def embed_items(args, api_key):
         pool.shutdown(wait=False, cancel_futures=True)
         if cache is not None:
             cache.close()
-    if not todo:
-        print(plan, file=sys.stderr, flush=True)
 
     E = [vectors[k] for k in keys]
     if len({len(e) for e in E}) != 1:
@@ -322,10 +311,8 @@ def check_args(parser, args):
     """Mistakes that no retry can fix stop here, before any request; no message echoes the URL or key."""
     if min(args.batch_size, args.workers, args.max_retries + 1, 1 if args.dimensions is None else args.dimensions) < 1:
         parser.error("--batch_size, --workers and --dimensions must be >= 1, --max_retries >= 0")
-    if not 0 < args.timeout < math.inf:
-        parser.error("--timeout must be a number of seconds > 0")
-    if not (0 <= args.backoff_base < math.inf and 0 <= args.backoff_max < math.inf):
-        parser.error("--backoff_base and --backoff_max must be numbers of seconds >= 0")
+    if not (0 < args.timeout < math.inf and 0 <= args.backoff_base < math.inf and 0 <= args.backoff_max < math.inf):
+        parser.error("--timeout must be a number of seconds > 0, --backoff_base and --backoff_max >= 0")
     try:
         url = urllib.parse.urlsplit(args.base_url)
         ok = url.scheme in ("http", "https") and url.hostname and (url.port or 0) >= 0  # .port checks the digits

@@ -182,3 +182,18 @@ def test_a_refused_connection_mid_run_is_retried(tmp_path, fake_server, capfd):
     proc = run_main(capfd, make_data(tmp_path), "--base_url", url, *FAST, "--backoff_base", "0.2", "--backoff_max", "1", "--max_retries", "6")
     assert proc.returncode == 0 and "refused" in proc.stderr, proc.stderr
     assert np.array_equal(np.load(tmp_path / "lang_emb.npy"), expected())
+
+
+def test_vectors_of_another_dimension_than_the_cached_ones_stop_at_once(tmp_path, fake_server, capfd):
+    """A server answering 6-d vectors where the cache holds 8-d ones for the same model name (the
+    weights changed): one request, one error line naming the cache, no retry, no output."""
+    srv, url = fake_server()
+    data = make_data(tmp_path, TEXTS[:8])
+    embed.main([str(data), "--base_url", url] + FAST)
+    make_data(tmp_path, TEXTS[:12])  # 4 new texts to request
+    os.remove(data / "lang_emb.npy")
+    srv6, url6 = fake_server(dim=6)
+    capfd.readouterr()
+    proc = run_main(capfd, data, "--base_url", url6, *FAST, "--workers", "4")
+    assert_clean_error(proc, "lang_emb.cache")
+    assert "6-d" in proc.stderr and len(srv6.inputs) == 1 and not (data / "lang_emb.npy").exists()
