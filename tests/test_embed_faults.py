@@ -18,7 +18,7 @@ import pytest
 
 import embed
 from conftest import REPO, assert_clean_error, run_script
-from test_embed import FAST, KEY, TEXTS, expected, fake_server, make_data, outputs, requested  # noqa: F401 (fixture)
+from test_embed import FAST, KEY, TEXTS, expected, fake_server, make_data, outputs  # noqa: F401 (fixture)
 
 
 def run_main(capfd, *args):
