@@ -5,6 +5,11 @@ finite. Each ends with one `error:` line naming the flag, file or folder, exit 1
 flags), no traceback, and no new or half-written file or folder; a diverged run keeps the
 checkpoints of its last good epoch.
 
+The trainers run in this process (conftest.run_main: the same stdout, stderr and exit status,
+without 3-4 s of start-up per case). Real `python train_*.py` subprocesses, one argparse error and
+one error after training per trainer, keep the command's own output tested: the first case of
+test_flag_out_of_range (--batch_size 0) and test_nan_in_first_epoch, for both trainers.
+
     cd /work/main && python -m pytest -q tests/test_train_errors.py
 """
 
@@ -20,7 +25,7 @@ import torch
 
 import common
 import decompose
-from conftest import assert_clean_error, prepare_toy, read_log, run_script
+from conftest import assert_clean_error, prepare_toy, read_log, run_main, run_script
 
 SMALL = {"train_discriminative.py": ["--hidden_dim", "16", "--neg_ratio", "8", "--batch_size", "64", "--device", "cpu", "--epochs", "1"],
          "train_diffusion.py": ["--hidden_dim", "16", "--batch_size", "64", "--timesteps", "50", "--sample_steps", "5",
@@ -41,9 +46,10 @@ def data(tmp_path_factory):
     return out
 
 
-def train(script, data, run, *flags):
-    """The trainer as a subprocess on the small settings; later flags override them."""
-    return run_script(script, data, "--out", run, *SMALL[script], *flags)
+def train(script, data, run, *flags, process=False):
+    """The trainer on the small settings (later flags override them), in this process, or as a
+    real command with process=True."""
+    return (run_script if process else run_main)(script, data, "--out", run, *SMALL[script], *flags)
 
 
 def sha256(path):
@@ -68,9 +74,9 @@ OWN_BAD = [("train_discriminative.py", flag, value) for flag, value in
 def test_flag_out_of_range(data, tmp_path, script, flag, value):
     """A flag value outside its range (a shared loop flag on both trainers, or the trainer's own) is
     refused by argparse naming the flag (--beta_start 0.03 > --beta_end 0.02 names either), exit 2,
-    and no run folder is made."""
+    and no run folder is made. The first shared case runs as a real command."""
     run = tmp_path / "run"
-    proc = train(script, data, run, flag, value)
+    proc = train(script, data, run, flag, value, process=(flag, value) == SHARED_BAD[0])
     names = ("--beta_start", "--beta_end") if flag.startswith("--beta") else (flag,)
     assert_clean_error(proc, *names, argparse_ok=True)
     assert proc.returncode == 2, proc.stderr
@@ -153,7 +159,7 @@ def test_empty_valid_split(data, tmp_path, script):
     empty = np.zeros(0, np.int64)
     np.savez(other / "valid.npz", seq=np.zeros((0, L), np.int64), target=empty, user=empty)
     run = tmp_path / "run"
-    proc = run_script(script, other, "--out", run, *SMALL[script])
+    proc = run_main(script, other, "--out", run, *SMALL[script])
     assert_clean_error(proc, "valid.npz")
     assert not run.exists()
 
@@ -169,9 +175,10 @@ DIVERGED = re.compile(r"^error: (.*): loss became (nan|inf|-inf) at epoch (\d+) 
 @pytest.mark.parametrize("script", BOTH)
 def test_nan_in_first_epoch(data, tmp_path, script):
     """--lr 1e30 with 64-sample batches: the loss of step 2 of epoch 1 is not finite; the run stops
-    with one line naming RUN, the epoch and the step, exit 1, and leaves no RUN (nothing good to keep)."""
+    with one line naming RUN, the epoch and the step, exit 1, and leaves no RUN (nothing good to keep).
+    A real command: an error found after training starts, as the user sees it."""
     run = tmp_path / "run"
-    proc = train(script, data, run, "--lr", "1e30", "--epochs", "3")
+    proc = train(script, data, run, "--lr", "1e30", "--epochs", "3", process=True)
     line = assert_clean_error(proc, str(run))
     assert proc.returncode == 1
     m = DIVERGED.match(line)
