@@ -3,6 +3,12 @@ case ends with exit status 1 (or argparse's 2), one stderr line 'error: ...' nam
 flag, no traceback, and no new or half-written file. The checkpoint is a 1-epoch run of
 train_discriminative.py on the toy dataset of conftest.prepare_toy (60 users, 40 items).
 
+The stages run in this process (conftest.run_main: the same stdout, stderr and exit status,
+without 3-4 s of start-up per case). Real `python evaluate.py` / `python decompose.py`
+subprocesses keep the commands' own output tested: the ks-zero case (an argparse error) and the
+bare-tensor case (an error from a loader) for evaluate.py, and
+test_decompose_non_utf8_items_line_names_file_and_line for decompose.py.
+
     cd /work/main && python -m pytest -q tests/test_eval_errors.py
 """
 
@@ -16,7 +22,7 @@ import torch
 
 import common
 import train_discriminative
-from conftest import assert_clean_error, prepare_toy, run_script
+from conftest import assert_clean_error, prepare_toy, run_main, run_script
 
 
 @pytest.fixture(scope="module")
@@ -47,12 +53,13 @@ def read_only_folder(tmp_path):
     return folder
 
 
-def evaluate_fails(tmp_path, *args, names, out=None, argparse_ok=False):
-    """Run evaluate.py with --out in a fresh folder; the run must fail cleanly naming one of
-    `names` and leave that folder empty. Returns the error line."""
+def evaluate_fails(tmp_path, *args, names, out=None, argparse_ok=False, process=False):
+    """Run evaluate.py (in this process, or as a real command with process=True) with --out in a
+    fresh folder; the run must fail cleanly naming one of `names` and leave that folder empty.
+    Returns the error line."""
     folder = tmp_path / "out"
     folder.mkdir()
-    proc = run_script("evaluate.py", *args, "--out", out or folder / "m.json")
+    proc = (run_script if process else run_main)("evaluate.py", *args, "--out", out or folder / "m.json")
     message = assert_clean_error(proc, *names, argparse_ok=argparse_ok)
     assert os.listdir(folder) == [], f"files left behind: {os.listdir(folder)}"
     return message
@@ -68,8 +75,9 @@ def evaluate_fails(tmp_path, *args, names, out=None, argparse_ok=False):
     ids=["ks-zero", "ks-word", "ks-empty", "ks-negative", "batch-zero", "sampled-negative", "threads-zero"])
 def test_evaluate_bad_flag_is_refused(toy, tmp_path, flags, name):
     """A cut-off K < 1 (which would write @0 metrics), a K that is not an integer, a batch size < 1
-    or a negative --sampled is an argparse error naming the flag; nothing is written."""
-    evaluate_fails(tmp_path, toy[1], *flags, names=[name], argparse_ok=True)
+    or a negative --sampled is an argparse error naming the flag; nothing is written. --ks 0 runs
+    as a real command."""
+    evaluate_fails(tmp_path, toy[1], *flags, names=[name], argparse_ok=True, process=flags == ["--ks", "0"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
@@ -92,7 +100,7 @@ def test_evaluate_unwritable_out_is_refused_before_ranking(toy, tmp_path, where)
 def test_evaluate_out_in_read_only_folder(toy, tmp_path):
     """--out in a read-only folder: one line naming it, nothing written."""
     out = read_only_folder(tmp_path) / "m.json"
-    assert_clean_error(run_script("evaluate.py", toy[1], "--out", out), str(out))
+    assert_clean_error(run_main("evaluate.py", toy[1], "--out", out), str(out))
     assert not out.exists()
 
 
@@ -116,15 +124,18 @@ def with_model_args(**changes):
     return lambda ck: dict(ck, model_args={**ck["model_args"], **changes})
 
 
-@pytest.mark.parametrize("change", [lambda ck: torch.zeros(3), without_data, lambda ck: dict(ck, config=None),
-                                    with_model_args(d=32), with_model_args(num_blocks=2), with_model_args(bogus=1)],
-                         ids=["bare-tensor", "no-config-data", "config-not-a-dict", "other-d", "other-blocks",
-                              "unknown-arg"])
-def test_evaluate_checkpoint_that_does_not_fit_names_it(toy, tmp_path, change):
+MISFITS = {"bare-tensor": lambda ck: torch.zeros(3), "no-config-data": without_data,
+           "config-not-a-dict": lambda ck: dict(ck, config=None), "other-d": with_model_args(d=32),
+           "other-blocks": with_model_args(num_blocks=2), "unknown-arg": with_model_args(bogus=1)}
+
+
+@pytest.mark.parametrize("case", MISFITS)
+def test_evaluate_checkpoint_that_does_not_fit_names_it(toy, tmp_path, case):
     """A checkpoint that is a bare tensor, that names no dataset folder, or whose model_args do not
-    build a model that its weights fit: one line naming the checkpoint."""
-    path = broken_checkpoint(toy[1], tmp_path, change)
-    evaluate_fails(tmp_path, path, names=[path])
+    build a model that its weights fit: one line naming the checkpoint. The bare tensor runs as a
+    real command."""
+    path = broken_checkpoint(toy[1], tmp_path, MISFITS[case])
+    evaluate_fails(tmp_path, path, names=[path], process=case == "bare-tensor")
 
 
 def test_evaluate_checkpoint_with_other_max_len(toy, tmp_path):
@@ -194,7 +205,8 @@ def test_evaluate_popularity_bad_meta_names_it(toy, tmp_path, key, value):
 
 
 def test_decompose_non_utf8_items_line_names_file_and_line(toy, tmp_path):
-    """items.jsonl with a Latin-1 byte on line 3: one line naming items.jsonl:3, no output."""
+    """items.jsonl with a Latin-1 byte on line 3: one line naming items.jsonl:3, no output (a real
+    command)."""
     data = copy_data(toy[0], tmp_path)
     path = os.path.join(data, "items.jsonl")
     with open(path, "rb") as f:
@@ -223,7 +235,7 @@ def test_decompose_popularity_weighting_bad_item_popularity(toy, tmp_path, case)
     meta = common.load_meta(data)
     with open(os.path.join(data, "meta.json"), "w") as f:  # json writes NaN and Infinity as Python reads them
         json.dump(dict(meta, item_popularity=BAD_POPULARITY[case](meta["item_popularity"])), f)
-    proc = run_script("decompose.py", data, "--dim", "16", "--null_dim", "8", "--weighting", "popularity")
+    proc = run_main("decompose.py", data, "--dim", "16", "--null_dim", "8", "--weighting", "popularity")
     assert_clean_error(proc, os.path.join(data, "meta.json"))
     assert not os.path.exists(os.path.join(data, "subspace.pt"))
 
@@ -237,7 +249,7 @@ def test_decompose_failed_save_leaves_no_plot(toy, tmp_path, out):
     if out == "a-folder":
         pt.mkdir()
     png = tmp_path / "spectrum.png"
-    proc = run_script("decompose.py", data, "--dim", "16", "--null_dim", "8", "--out", pt, "--plot", png)
+    proc = run_main("decompose.py", data, "--dim", "16", "--null_dim", "8", "--out", pt, "--plot", png)
     assert_clean_error(proc, str(pt))
     assert not png.exists(), "the plot was written although the subspace file was not"
     assert sorted(os.listdir(tmp_path)) == sorted(["data"] + ([pt.name] if out == "a-folder" else []))
@@ -247,6 +259,6 @@ def test_decompose_plot_in_read_only_folder_leaves_no_pt(toy, tmp_path):
     """--plot into a read-only folder: one line naming the PNG, and no .pt written."""
     data = copy_data(toy[0], tmp_path)
     png = read_only_folder(tmp_path) / "spectrum.png"
-    proc = run_script("decompose.py", data, "--dim", "16", "--null_dim", "8", "--plot", png)
+    proc = run_main("decompose.py", data, "--dim", "16", "--null_dim", "8", "--plot", png)
     assert_clean_error(proc, str(png))
     assert not os.path.exists(os.path.join(data, "subspace.pt"))
