@@ -4,6 +4,12 @@ unwritable locations are refused before anything is read, and a failed write lea
 filesystem as it was. Every refusal is one 'error:' line; every check compares all bytes under
 the test folder before and after.
 
+prepare.py runs in this process (conftest.run_main: the same stdout, stderr and exit status,
+without the interpreter's start-up per case). Real `python prepare.py` subprocesses: the first
+case of test_out_overlapping_source_is_refused (SRC == OUT), which keeps the command's own output
+tested, test_failed_write_leaves_nothing, which needs a file size limit on its process, and
+test_run_main_is_the_command, which compares the two ways of running a stage.
+
 Run:  cd /work/main && python -m pytest -q tests/test_prepare_safety.py
 """
 
@@ -18,7 +24,7 @@ import zipfile
 import pytest
 
 import common
-from conftest import REPO, assert_clean_error, run_script
+from conftest import REPO, assert_clean_error, run_main, run_script
 
 INTER = "user_id:token\titem_id:token\ttimestamp:float\n1\t1\t1\n1\t2\t2\n2\t1\t3\n"
 ITEM = "item_id:token\ttitle:token_seq\n1\tOne\n2\tTwo\n"
@@ -62,11 +68,12 @@ def snapshot(root):
     return seen
 
 
-def refused(tmp_path, *args, names, problem, env=None, argparse_ok=False):
-    """Run prepare.py in tmp_path: one clean error line naming one of `names` and saying `problem`
-    (a regex), and not one byte, file or folder changed under tmp_path."""
+def refused(tmp_path, *args, names, problem, env=None, argparse_ok=False, process=False):
+    """Run prepare.py in tmp_path (in this process, or as a real command with process=True): one
+    clean error line naming one of `names` and saying `problem` (a regex), and not one byte, file
+    or folder changed under tmp_path."""
     before = snapshot(tmp_path)
-    proc = run_script("prepare.py", *args, cwd=tmp_path, env=env)
+    proc = (run_script if process else run_main)("prepare.py", *args, cwd=tmp_path, env=env)
     message = assert_clean_error(proc, *names, argparse_ok=argparse_ok)
     assert re.search(problem, message, re.IGNORECASE), f"the error does not say {problem!r}: {message}"
     after = snapshot(tmp_path)
@@ -88,14 +95,26 @@ def refused(tmp_path, *args, names, problem, env=None, argparse_ok=False):
     ("data/d.zip", "data")])           # a zip inside OUT
 def test_out_overlapping_source_is_refused(tmp_path, source, out):
     """--out equal to, inside or holding the source is refused with --overwrite, even when the
-    source folder carries a prepare.py meta.json, and the source's bytes stay as they were."""
+    source folder carries a prepare.py meta.json, and the source's bytes stay as they were.
+    SRC == OUT runs as a real command."""
     raw_folder(tmp_path / "src", meta=OURS)
     raw_folder(tmp_path / "data" / "src", meta=None)
     with open(tmp_path / "data" / "meta.json", "w") as f:
         json.dump(OURS, f)
     zip_source(tmp_path / "data" / "d.zip")
     os.symlink("src", tmp_path / "link")
-    refused(tmp_path, source, "--out", out, "--overwrite", names=["--out"], problem="source")
+    refused(tmp_path, source, "--out", out, "--overwrite", names=["--out"], problem="source",
+            process=(source, out) == ("src", "src"))
+
+
+def test_run_main_is_the_command(tmp_path):
+    """conftest.run_main, which most error tests here use, gives the exit status, stdout and stderr
+    of the real command: for prepare.py's own error (sys.exit with the line) and for argparse's."""
+    for flags in ([tmp_path / "no_such_data"], [tmp_path, "--split", "random"]):
+        args = ("prepare.py", *flags, "--out", tmp_path / "out")
+        real, here = run_script(*args), run_main(*args)
+        assert (here.returncode, here.stdout, here.stderr) == (real.returncode, real.stdout, real.stderr)
+        assert real.returncode in (1, 2) and real.stderr
 
 
 def test_zip_beside_output_is_allowed(tmp_path):
@@ -103,7 +122,7 @@ def test_zip_beside_output_is_allowed(tmp_path):
     raw_folder(tmp_path / "src")
     (tmp_path / "dl").mkdir()
     zip_source(tmp_path / "dl" / "d.zip")
-    proc = run_script("prepare.py", tmp_path / "dl" / "d.zip", "--out", tmp_path / "dl" / "out")
+    proc = run_main("prepare.py", tmp_path / "dl" / "d.zip", "--out", tmp_path / "dl" / "out")
     assert proc.returncode == 0, proc.stderr
     assert common.load_meta(str(tmp_path / "dl" / "out"))["num_interactions"] == 3
 
@@ -146,10 +165,10 @@ def test_overwrite_replaces_a_folder_prepare_wrote(tmp_path):
     left beside it."""
     src = raw_folder(tmp_path / "src")
     out = tmp_path / "out"
-    assert run_script("prepare.py", src, "--out", out).returncode == 0
+    assert run_main("prepare.py", src, "--out", out).returncode == 0
     (out / "stale.txt").write_text("old")
     refused(tmp_path, src, "--out", out, names=["--out", str(out)], problem="exists")
-    proc = run_script("prepare.py", src, "--out", out, "--overwrite", "--seed", 5, "--max_len", 3)
+    proc = run_main("prepare.py", src, "--out", out, "--overwrite", "--seed", 5, "--max_len", 3)
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out)) == ["items.jsonl", "meta.json", "test.npz", "train.npz", "valid.npz"]
     assert (common.load_meta(str(out))["seed"], common.load_meta(str(out))["max_len"]) == (5, 3)
@@ -216,7 +235,7 @@ def test_failed_write_leaves_nothing(tmp_path):
     """A write that fails is one error line naming --out; no output, no temporary folder and no
     parent folder it made is left, and a folder that --overwrite would replace stays intact."""
     src = raw_folder(tmp_path / "src")
-    assert run_script("prepare.py", src, "--out", tmp_path / "old").returncode == 0
+    assert run_main("prepare.py", src, "--out", tmp_path / "old").returncode == 0
     for args in (["--out", "new/deeper/out"], ["--out", "old", "--overwrite", "--seed", 3]):
         before = snapshot(tmp_path)
         proc = run_limited(src, *args, cwd=tmp_path)
