@@ -2,6 +2,10 @@
 datasets are downloaded (md5-checked, cached) from a real HTTP server on 127.0.0.1, with the
 RecBole-wheel fallback for ml-100k served by pip from a local folder.
 
+prepare.py runs in this process (conftest.run_main: the same stdout, stderr and exit status,
+without the interpreter's start-up per case). One real `python prepare.py` subprocess,
+test_missing_source, keeps the command's own output tested.
+
 Run:  cd /work/main && python -m pytest -q tests/test_prepare_errors.py
 """
 
@@ -18,7 +22,7 @@ import pytest
 
 import common
 import prepare
-from conftest import assert_clean_error, run_script
+from conftest import assert_clean_error, run_main, run_script
 from test_prepare_formats import ML100K_TEXT, ml100k_files
 
 INTER = "user_id:token\titem_id:token\ttimestamp:float\n1\t1\t1\n1\t2\t2\n2\t1\t3\n"
@@ -34,13 +38,13 @@ def recbole_folder(tmp_path, inter=INTER, item=ITEM, name="x"):
     return src
 
 
-def bad_run(tmp_path, src, *flags, names, problem, argparse_ok=False):
-    """Run the CLI on a bad input: a clean one-line error naming one of `names` and the problem
-    (regex `problem`, searched outside the paths), and no output (neither the --out folder nor any
-    temporary leftovers beside it)."""
+def bad_run(tmp_path, src, *flags, names, problem, argparse_ok=False, process=False):
+    """Run the CLI (in this process, or as a real command with process=True) on a bad input: a
+    clean one-line error naming one of `names` and the problem (regex `problem`, searched outside
+    the paths), and no output (neither the --out folder nor any temporary leftovers beside it)."""
     before = set(os.listdir(tmp_path))
     out = tmp_path / "out"
-    proc = run_script("prepare.py", src, "--out", out, *flags, cwd=tmp_path)
+    proc = (run_script if process else run_main)("prepare.py", src, "--out", out, *flags, cwd=tmp_path)
     message = assert_clean_error(proc, *names, argparse_ok=argparse_ok)
     assert re.search(problem, message.replace(str(tmp_path), ""), re.IGNORECASE), \
         f"the error does not say what is wrong ({problem!r}): {message}"
@@ -53,9 +57,9 @@ def bad_run(tmp_path, src, *flags, names, problem, argparse_ok=False):
 # bad input, through the command line
 
 def test_missing_source(tmp_path):
-    """A SOURCE that is neither a path nor a named dataset is an error naming it."""
+    """A SOURCE that is neither a path nor a named dataset is an error naming it (a real command)."""
     bad_run(tmp_path, tmp_path / "no_such_data", names=["no_such_data"],
-            problem="no such|not found|not exist|missing")
+            problem="no such|not found|not exist|missing", process=True)
 
 
 def test_unknown_format(tmp_path):
@@ -150,12 +154,12 @@ def test_existing_output_needs_overwrite(tmp_path):
     out.mkdir()
     (out / "stale.txt").write_text("old")
     for flags in ([], ["--overwrite"]):
-        proc = run_script("prepare.py", src, "--out", out, *flags)
+        proc = run_main("prepare.py", src, "--out", out, *flags)
         assert_clean_error(proc, str(out), "--overwrite")
         assert os.listdir(out) == ["stale.txt"]
     (out / "meta.json").write_text('{"source": "x", "format": "recbole", "split": "user", '
                                    '"num_items": 2, "num_samples": {}}')
-    proc = run_script("prepare.py", src, "--out", out, "--overwrite")
+    proc = run_main("prepare.py", src, "--out", out, "--overwrite")
     assert proc.returncode == 0, proc.stderr
     assert sorted(os.listdir(out)) == ["items.jsonl", "meta.json", "test.npz", "train.npz", "valid.npz"]
     assert common.load_dataset(str(out))[0]["num_interactions"] == 3
@@ -182,7 +186,8 @@ def server():
             pass
 
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    # polls for shutdown every 50 ms, not 0.5 s: each test waits one poll at teardown
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}", routes, hits
     httpd.shutdown()
@@ -251,21 +256,18 @@ def test_named_checksum_mismatch(tmp_path, named, monkeypatch, name):
                   "item_id:token\ttitle:token_seq\n1\tOne\n2\tTwo\n")
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "wheels"))
-    with pytest.raises(SystemExit) as e:
-        prepare.main([name, "--out", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")])
-    message = str(e.value.code)
-    assert message.startswith("error:") and ("md5" in message.lower() or "checksum" in message.lower())
-    assert "\n" not in message.strip() and not (tmp_path / "out").exists()
+    proc = run_main("prepare.py", name, "--out", tmp_path / "out", "--cache_dir", tmp_path / "cache")
+    message = assert_clean_error(proc, datasets[name]["url"])
+    assert "md5" in message.lower() or "checksum" in message.lower()
+    assert not (tmp_path / "out").exists()
 
 
 def test_named_download_failure_without_fallback(tmp_path, named):
     """ml-1m has no fallback: a failing download (404) is a clean error naming the url."""
     datasets, routes, _ = named
     del routes["/ml-1m.zip"]
-    with pytest.raises(SystemExit) as e:
-        prepare.main(["ml-1m", "--out", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")])
-    message = str(e.value.code)
-    assert message.startswith("error:") and ("ml-1m.zip" in message or "404" in message), message
+    proc = run_main("prepare.py", "ml-1m", "--out", tmp_path / "out", "--cache_dir", tmp_path / "cache")
+    assert_clean_error(proc, "ml-1m.zip", "404")
     assert not (tmp_path / "out").exists()
 
 
@@ -324,7 +326,6 @@ def test_ml100k_fallback_failure(tmp_path, named, monkeypatch):
     (tmp_path / "empty").mkdir()
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "empty"))
-    with pytest.raises(SystemExit) as e:
-        prepare.main(["ml-100k", "--out", str(tmp_path / "out"), "--cache_dir", str(tmp_path / "cache")])
-    assert str(e.value.code).startswith("error:") and "\n" not in str(e.value.code).strip()
+    proc = run_main("prepare.py", "ml-100k", "--out", tmp_path / "out", "--cache_dir", tmp_path / "cache")
+    assert_clean_error(proc, "ml-100k", "recbole")
     assert not (tmp_path / "out").exists()
