@@ -102,6 +102,21 @@ def full_ranking(scorer, seq, target, ks=(10, 20), batch_size=1024, mask_history
 # -----------------------------------------------------------------------------
 # the SASRec encoder: item sequence -> user state, shared by both backbones
 
+class Dropout(torch.nn.Module):
+    """nn.Dropout's math (in training, each entry zeroed with probability p, the others scaled by
+    1/(1-p)) with the mask drawn by torch.rand from the same global generator: F.dropout's
+    bernoulli_ draws make it twice as slow on CPU (19 vs 10 ms forward and backward at (256, 50, 128))."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        return x * ((torch.rand_like(x) >= self.p) * (1 / (1 - self.p)))
+
+
 class TransformerBlock(torch.nn.Module):
     """Post-LN self-attention block of SASRec (Kang & McAuley 2018): the normalized input is the
     query and the residual, keys and values are the raw sequence."""
@@ -111,8 +126,8 @@ class TransformerBlock(torch.nn.Module):
         self.num_heads, self.dropout = num_heads, dropout
         self.ln_q, self.ln_ffn = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
         self.q, self.kv, self.proj = torch.nn.Linear(d, d), torch.nn.Linear(d, 2 * d), torch.nn.Linear(d, d)
-        self.ffn = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU(), torch.nn.Dropout(dropout),
-                                       torch.nn.Linear(d, d), torch.nn.Dropout(dropout))
+        self.ffn = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU(), Dropout(dropout),
+                                       torch.nn.Linear(d, d), Dropout(dropout))
 
     def forward(self, x, attn_mask, last_only=False):
         """x (B, L, d), attn_mask (B, 1, L, L) True = may attend -> (B, L, d), or (B, 1, d) for the
@@ -139,7 +154,7 @@ class SASRecEncoder(torch.nn.Module):
     def __init__(self, d, max_len, num_blocks=1, num_heads=1, dropout=0.1):
         super().__init__()
         self.pos = torch.nn.Embedding(max_len, d)
-        self.drop = torch.nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.blocks = torch.nn.ModuleList(TransformerBlock(d, num_heads, dropout) for _ in range(num_blocks))
         self.ln_f = torch.nn.LayerNorm(d)
 

@@ -175,3 +175,18 @@ def test_padding_row_stays_zero_when_the_whole_table_is_trained(item_emb):
         loss.backward()
         opt.step()
     assert not model.table()[0].any()
+
+
+def test_dropout_is_nn_dropouts_math():
+    """model.Dropout zeroes each entry with probability p and scales the others by 1/(1-p) in
+    training (so the mean is kept), draws from torch's global generator (seeded runs repeat), and
+    is the identity in eval mode."""
+    from model import Dropout
+    drop, x = Dropout(0.25), torch.ones(200_000)
+    torch.manual_seed(0)
+    y = drop.train()(x)
+    assert abs((y == 0).float().mean().item() - 0.25) < 0.005
+    assert torch.equal(y.unique(), torch.tensor([0.0, 1 / 0.75]))
+    torch.manual_seed(0)
+    assert torch.equal(drop(x), y)
+    assert torch.equal(drop.eval()(x), x)
