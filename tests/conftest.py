@@ -131,6 +131,33 @@ def run_main(script, *args, cwd=None, env=None):
                                        "".join(fd_out) + out.getvalue(), "".join(fd_err) + err.getvalue())
 
 
+class LocalServer:
+    """serve_embeddings.py --port 0 FLAGS, started in the background (several load their models side
+    by side); .wait() returns it once it listens, with .url 'http://127.0.0.1:PORT/v1'; .stop()."""
+
+    def __init__(self, *flags):
+        self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "serve_embeddings.py"), "--port", "0",
+                                      *map(str, flags)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+
+    def wait(self):
+        lines = []
+        while not (lines and lines[-1].startswith("listening on")):
+            lines.append(self.proc.stdout.readline())
+            if not lines[-1]:
+                self.proc.kill()
+                pytest.fail(f"serve_embeddings.py exited before listening: {lines}")
+        self.url = lines[-1].split()[-1]
+        return self
+
+    def health(self):
+        import requests
+        return requests.get(self.url.removesuffix("/v1") + "/health", timeout=10).json()
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
 def assert_clean_error(proc, *names, argparse_ok=False):
     """A bad input must end with a non-zero exit and exactly one stderr line 'error: ...' that
     names the file or flag (any of `names`), and no traceback. argparse_ok also accepts

@@ -22,6 +22,7 @@ import pytest
 import requests
 
 import embed
+from conftest import LocalServer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "sk-test-0123456789abcdefSECRET"
@@ -291,18 +292,9 @@ def test_missing_items_file_is_one_clear_error(tmp_path):
 @pytest.fixture(scope="module")
 def local_server():
     """serve_embeddings.py on a free port (loads the model once for the module) -> base URL."""
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "serve_embeddings.py"), "--port", "0",
-                             "--max_inputs", "64", "--max_bytes", "65536"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lines = []
-    while not (lines and lines[-1].startswith("listening on")):
-        lines.append(proc.stdout.readline())
-        if not lines[-1]:
-            proc.kill()
-            pytest.fail(f"serve_embeddings.py exited before listening: {lines}")
-    yield lines[-1].split()[-1]
-    proc.terminate()
-    proc.wait(10)
+    server = LocalServer("--max_inputs", 64, "--max_bytes", 65536).wait()
+    yield server.url
+    server.stop()
 
 
 def test_local_server_embeds_titles_meaningfully(tmp_path, local_server):

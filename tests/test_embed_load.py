@@ -9,13 +9,11 @@ bytes as an uninterrupted one (real models' floats depend on the batch a text is
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import requests
 
-from conftest import REPO, run_script
+from conftest import LocalServer, run_script
 
 # The local server encodes these titles in 10 to 13 ms each on the shared 2-core VM (/health
 # encode_seconds / texts over 12 batches of 64 at load average 3: least 10.2 ms, median 12.9 ms);
@@ -37,36 +35,15 @@ def make_data(path, n, tag):
     return path
 
 
-class Server:
-    """serve_embeddings.py on a free port, started in the background; .url once .wait() returns."""
-
-    def __init__(self, *flags):
-        self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "serve_embeddings.py"), "--port", "0",
-                                      *flags], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-
-    def wait(self):
-        lines = []
-        while not (lines and lines[-1].startswith("listening on")):
-            lines.append(self.proc.stdout.readline())
-            if not lines[-1]:
-                pytest.fail(f"serve_embeddings.py exited before listening: {lines}")
-        self.url = lines[-1].split()[-1]
-        return self
-
-    def health(self):
-        return requests.get(self.url.removesuffix("/v1") + "/health", timeout=10).json()
-
-
 @pytest.fixture(scope="module")
 def servers():
     """Two local servers, loading their models side by side: "usual", and "slow" (5x slower)."""
-    both = {"usual": Server(), "slow": Server("--delay_per_text", str(DELAY_PER_TEXT))}
+    both = {"usual": LocalServer(), "slow": LocalServer("--delay_per_text", DELAY_PER_TEXT)}
     try:
         yield {name: server.wait() for name, server in both.items()}
     finally:
         for server in both.values():
-            server.proc.terminate()
-            server.proc.wait(10)
+            server.stop()
 
 
 def embed(data, url, *flags):

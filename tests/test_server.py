@@ -10,17 +10,14 @@ slowed by --delay_per_text so that a request stays in line long enough to observ
 import http.client
 import json
 import math
-import os
 import socket
-import subprocess
-import sys
 import time
 import uuid
 
 import pytest
 import requests
 
-from conftest import REPO, assert_clean_error, run_script
+from conftest import LocalServer, assert_clean_error, run_script
 
 DELAY = 0.3  # seconds per text: a 4-text request holds the encoder for over a second
 
@@ -28,18 +25,9 @@ DELAY = 0.3  # seconds per text: a 4-text request holds the encoder for over a s
 @pytest.fixture(scope="module")
 def server():
     """serve_embeddings.py --port 0 --delay_per_text DELAY --max_queue 1 -> 'http://127.0.0.1:PORT'."""
-    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "serve_embeddings.py"), "--port", "0",
-                             "--delay_per_text", str(DELAY), "--max_queue", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    lines = []
-    while not (lines and lines[-1].startswith("listening on")):
-        lines.append(proc.stdout.readline())
-        if not lines[-1]:
-            proc.kill()
-            pytest.fail(f"serve_embeddings.py exited before listening: {lines}")
-    yield lines[-1].split()[-1].removesuffix("/v1")
-    proc.terminate()
-    proc.wait(10)
+    server = LocalServer("--delay_per_text", DELAY, "--max_queue", 1).wait()
+    yield server.url.removesuffix("/v1")
+    server.stop()
 
 
 def health(base):
