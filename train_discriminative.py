@@ -16,7 +16,11 @@ Reads  DATA/{train,valid,test}.npz, DATA/meta.json, and --subspace (alphafuse, l
        DATA/lang_emb.npy (morec, whitenrec).
 Writes RUN/ckpt.pt (best validation NDCG@20), RUN/last.pt (latest epoch, for --resume),
        RUN/log.jsonl (one line per epoch), RUN/metrics.json (test, best checkpoint).
-Prints one line per epoch (loss, validation metrics, seconds, samples/s) and the test table.
+Prints one line per epoch (loss, validation metrics, seconds, samples/s), a progress line every
+--progress_every seconds within an epoch, and the test table.
+--train_on windows (default for --split user data): one sample per target, as the official code;
+sequences (default for --split loo): each user's last L + 1 training items, every position
+predicting the next item (SASRec's paper, LLM-ESR). The loop is training.py's.
 
 NOTE where this differs from the official code: batches are shuffled; the score function
 (cosine by default, as InfoNCE trains) is the same in training and evaluation unless
