@@ -155,9 +155,9 @@ class Limiter:
             self.in_flight += 1
             return not self.stop.is_set()
 
-    def release(self, outcome=None, alone=False):  # "stop": a failure for good or Ctrl-C ends every worker
+    def release(self, outcome=None, alone=False, count=True):  # "stop": a failure for good or Ctrl-C ends every worker
         with self.cond:
-            self.in_flight -= 1
+            self.in_flight -= count
             self.alone -= alone
             if outcome == "busy":
                 self.limit = max(1.0, self.limit / 2)
@@ -236,6 +236,7 @@ class Endpoint:
                 self.limiter.release(outcome, alone)
             alone = outcome == "busy"
             if attempt == args.max_retries:
+                self.limiter.release("stop", count=False)  # before the raise: no queued batch may start meanwhile
                 raise EndpointError(f"{self.name}: giving up after {attempt + 1} attempts: {problem}")
             if wait is None:  # exponential backoff with jitter, so parallel workers do not retry in step
                 wait = min(args.backoff_max, args.backoff_base * 2 ** attempt) * random.uniform(0.5, 1.0)
