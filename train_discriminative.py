@@ -52,15 +52,14 @@ class SASRec(torch.nn.Module):
         self.num_items, self.score, self.eval_score, self.temperature = num_items, score, eval_score, temperature
         self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init)
         self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
-        self.register_buffer("all_items", torch.arange(num_items + 1), persistent=False)
 
     def table(self):  # (N+1, d): every item's embedding, differentiable; row 0 (padding) is zero
         emb = self.item_emb
         return emb.weight if isinstance(emb, torch.nn.Embedding) else emb.table()
 
-    def user_state(self, seq, table=None, all_positions=False):  # (B, L) -> (B, d), or (B, L, d)
-        # index_select: its backward is one index_add, faster than F.embedding's
-        seq_emb = self.item_emb(seq) if table is None else table.index_select(0, seq.flatten()).view(*seq.shape, -1)
+    def user_state(self, seq, table, all_positions=False):  # (B, L), table() -> (B, d), or (B, L, d)
+        # rows of the step's table; index_select's backward is one index_add, faster than F.embedding's
+        seq_emb = table.index_select(0, seq.flatten()).view(*seq.shape, -1)  # (B, L, d)
         return self.encoder(seq_emb, seq, all_positions)
 
     def logits(self, u, e, score):
@@ -112,7 +111,7 @@ def build_model(model_args, init=None):
     return SASRec(**model_args, init=init)
 
 def run(args):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device  # checked and resolved by check_loop_args
     gens = {"perm": seed_everything(args.seed),
             "negatives": torch.Generator(device=device).manual_seed(args.seed + 1)}
     meta = common.load_meta(args.data)
