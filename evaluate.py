@@ -28,7 +28,7 @@ import torch
 
 import common
 from common import DataError
-from model import full_ranking, load_checkpoint
+from model import check_device, full_ranking, load_checkpoint
 
 
 def check_checkpoint(ckpt, path):
@@ -63,23 +63,6 @@ def parse_ks(parser, text):
     if min(ks) < 1:
         parser.error(f"--ks {text!r}: every cut-off K must be at least 1")
     return list(dict.fromkeys(ks))
-
-
-def check_device(parser, name):
-    """--device: cpu, cuda or cuda:N that this machine has (default: cuda when available)."""
-    if name is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        parser.error(f"--device {name}: not a device name (cpu, cuda, cuda:N)")
-    if device.type not in ("cpu", "cuda"):
-        parser.error(f"--device {name}: expected cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {name}: CUDA is not available on this machine")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        parser.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return name
 
 
 def popularity_scorer(meta, device):

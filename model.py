@@ -1,5 +1,5 @@
 """
-The torch side that the trainers and evaluate.py share: seeding, the full-ranking metrics, the
+The torch side that the trainers and evaluate.py share: the --device check, seeding, the full-ranking metrics, the
 SASRec encoder, checkpoint I/O, and AlphaFuse's fused item embedding with the loader of
 decompose.py's subspace file. (common.py holds what needs no torch.)
 """
@@ -11,6 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from common import DataError, atomic_open
+
+
+def check_device(parser, name):
+    """--device: cpu, cuda or cuda:N that this machine has (default: cuda when available)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name}: not a device name (cpu, cuda, cuda:N)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device {name}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: CUDA is not available on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        parser.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
 
 
 def seed_everything(seed):
@@ -266,8 +283,8 @@ class FusedItemEmbedding(torch.nn.Module):
     """AlphaFuse's item embeddings e_i = E_lang[i] + [0_{d_s}, ID_i], a table (N+1, d), item 0 = padding.
 
     E_lang (decompose.py's lang_emb) is a frozen buffer; ID (N+1, d_n) is trainable and only touches
-    the null coordinates d_s..d. Row 0 of both is zero and never gets a gradient (padding_idx), so
-    the padding item stays the zero vector. d_n = 0 gives the pure language embeddings.
+    the null coordinates d_s..d. Row 0 of both is zero and never gets a gradient (padding_idx for
+    lookups, keep_padding_row for table()), so the padding item stays the zero vector. d_n = 0 gives the pure language embeddings.
     Ablations: train_lang=True makes E_lang a parameter initialised from it (the paper's
     "w/o Frozen"); replace=True uses e_i = [E_lang[i, :d_s], ID_i] instead of the sum.
     """

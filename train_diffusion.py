@@ -138,7 +138,7 @@ def build_model(model_args, init=None):
 
 
 def run(args):
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device  # checked and resolved by check_loop_args
     gens = {"perm": seed_everything(args.seed),
             "noise": torch.Generator(device=device).manual_seed(args.seed + 1)}
     meta = common.load_meta(args.data)

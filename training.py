@@ -18,7 +18,8 @@ import torch
 import common
 import decompose
 from common import DataError
-from model import full_ranking, load_checkpoint, load_subspace, save_checkpoint
+from model import check_device, full_ranking, load_checkpoint, load_subspace, save_checkpoint
+
 
 def item_inputs(args, meta):
     """The language tensor the item embedding is built on, and the fields that describe it."""
@@ -193,7 +194,6 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
     print(common.format_table(results))
 
 
-
 def add_loop_args(p):
     """The encoder and training-loop flags both trainers share."""
     p.add_argument("--num_blocks", type=int, default=1, help="Transformer blocks of the SASRec encoder")
@@ -205,7 +205,7 @@ def add_loop_args(p):
     p.add_argument("--patience", type=int, default=10, help="stop after this many evaluations without a better valid NDCG@20")
     p.add_argument("--eval_every", type=int, default=1, help="epochs between validations")
     p.add_argument("--seed", type=int, default=22, help="seed of the initialisation, the batch order and the sampling")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (scores for ranking stay float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, all cores)")
     p.add_argument("--progress_every", type=float, default=10.0, help="seconds between progress lines inside an epoch")
@@ -226,6 +226,7 @@ def check_loop_args(p, args, ranges):
             p.error(f"--{flag} must be in {interval}, got {v}")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be in [1, inf), got {args.threads}")
+    args.device = check_device(p, args.device)
     if not args.progress_every >= 0:
         p.error(f"--progress_every must be in [0, inf), got {args.progress_every}")
     if args.item_emb not in ("alphafuse", "llminit") and args.hidden_dim % args.num_heads:  # else d is --subspace's

@@ -83,6 +83,18 @@ def test_flag_out_of_range(data, tmp_path, script, flag, value):
     assert not run.exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("script", BOTH)
+def test_cuda_without_cuda_names_the_device_flag(data, tmp_path, script):
+    """--device cuda on a machine without CUDA is one argparse line naming --device (it was a
+    traceback from torch.Generator), and no run folder is made."""
+    run = tmp_path / "run"
+    proc = train(script, data, run, "--device", "cuda")
+    assert_clean_error(proc, "--device", argparse_ok=True)
+    assert proc.returncode == 2 and "CUDA is not available" in proc.stderr, proc.stderr
+    assert not run.exists()
+
+
 def test_neg_ratio_unused_by_ce_is_not_checked(data, tmp_path):
     """--loss ce draws no negatives, so --neg_ratio 0 is accepted with it (the check is per loss)."""
     proc = train("train_discriminative.py", data, tmp_path / "run", "--loss", "ce", "--neg_ratio", "0")
