@@ -13,9 +13,11 @@ Files of a prepared dataset folder DATA (item index 0 is padding, real items are
     meta.json     source, split, seed, max_len, counts, item_popularity (N+1), user_history_len (U)
 """
 
+import argparse
 import contextlib
 import json
 import os
+import sys
 
 import numpy as np
 
@@ -24,6 +26,23 @@ SPLITS = ("train", "valid", "test")
 
 class DataError(Exception):
     """Bad input. The message names the file and the problem; main() prints it as one line."""
+
+
+def interrupted(hint="rerun the same command to continue"):
+    """Ctrl-C: one line instead of a traceback, and the shell's exit status for SIGINT (130)."""
+    print(f"interrupted; {hint}", file=sys.stderr, flush=True)
+    sys.exit(130)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the docstring's layout and ends each flag's help with its default, unless
+    the help already names it or there is none to show (None, or off for a switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
 
 
 @contextlib.contextmanager

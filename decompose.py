@@ -256,7 +256,7 @@ def popularity_weights(data_dir, n):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     parser.add_argument("data", help="prepared dataset folder DATA (reads DATA/lang_emb.npy)")
     parser.add_argument("--out", default=None, help="output file (default DATA/subspace.pt)")
     parser.add_argument("--scale", type=float, default=40.0, help="multiply E by this first (official 40; sets the units of s and tau)")
@@ -303,6 +303,8 @@ def main(argv=None):
         write_outputs(out, result, args.plot, (s, d_s, dim, args.null_thres, title))
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        common.interrupted()
     print(f"wrote {out}: lang_emb {tuple(lang_emb.shape)} float32, d_s = {d_s}, d_n = {d_n}"
           + (f"; spectrum plot {args.plot}" if args.plot else "") + f" ({time.perf_counter() - t0:.1f} s)")
 

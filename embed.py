@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor, as_completed
 import numpy as np
 import requests
 
-from common import DataError, atomic_open, read_items, write_json
+from common import DataError, HelpFormatter, atomic_open, interrupted, read_items, write_json
 
 RETRY_STATUS = {408, 409, 425, 429}  # and every 5xx; any other 4xx is the caller's fault: fail at once
 BUSY_STATUS = {429, 503, 504}  # like a timeout, a sign of an overloaded server: send fewer requests at once
@@ -331,7 +331,7 @@ def check_args(parser, args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("data", help="prepared dataset folder holding items.jsonl")
     # endpoint
     parser.add_argument("--base_url", default="http://127.0.0.1:8080/v1", help="OpenAI-compatible API root, http(s)://host[:port]/path[?query]; {path}/embeddings?{query} is POSTed; the query is sent but never printed (default: serve_embeddings.py)")
@@ -356,7 +356,7 @@ def main(argv=None):
     except OSError as e:  # e.g. a folder named lang_emb.cache, or DATA not writable
         sys.exit(f"error: {e.filename}: {e.strerror}" if e.filename else f"error: {e}")
     except KeyboardInterrupt:
-        sys.exit("interrupted: what was embedded is in the cache, rerun to finish")
+        interrupted("what was embedded is in the cache; rerun the same command to finish")
 
 
 if __name__ == "__main__":

@@ -122,7 +122,7 @@ def run(args, ks):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("ckpt", nargs="?", help="checkpoint CKPT (RUN/ckpt.pt)")
     p.add_argument("--data", default=None, help="dataset folder (default: the one the checkpoint was trained on)")
     p.add_argument("--popularity", action="store_true", help="evaluate the popularity recommender on --data instead")
@@ -150,6 +150,8 @@ def main(argv=None):
         run(args, ks)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        common.interrupted()
 
 
 if __name__ == "__main__":

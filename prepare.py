@@ -31,7 +31,7 @@ import time
 
 import numpy as np
 
-from common import DataError, write_json
+from common import DataError, HelpFormatter, interrupted, write_json
 from formats import READERS, detect_format, fetch_named, list_files, source_root
 
 DATASETS = {
@@ -280,7 +280,7 @@ def run(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("source", help="folder, file, .zip, or a named dataset (ml-100k, ml-1m)")
     parser.add_argument("--out", required=True, help="output folder DATA, apart from SOURCE")
     parser.add_argument("--split", choices=["user", "loo"], default="user", help="cold-start users (paper Table 2) or leave-one-out")
@@ -295,6 +295,8 @@ def main(argv=None):
         run(args)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        interrupted()
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("runs", help="folder RUNS of reproduce.sh (RUNS/DATASET/METHOD_sSEED)")
     p.add_argument("--out", default=None, help="also write the tables to this Markdown file")
     p.add_argument("--plots", default=None, help="folder for curves_DATASET.png (needs matplotlib)")
@@ -152,6 +152,8 @@ def main(argv=None):
         run(args)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        common.interrupted()
 
 
 if __name__ == "__main__":

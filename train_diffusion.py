@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import common
 from common import DataError
 from model import SASRecEncoder, make_item_embedding, seed_everything
-from training import add_loop_args, check_loop_args, fit, item_inputs, loop_defaults
+from training import add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults
 
 
 def beta_schedule(schedule, T, beta_start, beta_end):
@@ -158,7 +158,7 @@ def run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("data", help="prepared dataset folder DATA (prepare.py)")
     p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
     p.add_argument("--subspace", default=None, help="decompose.py output with d = d_l (default DATA/subspace_dreamrec.pt)")
@@ -184,6 +184,8 @@ def main(argv=None):
         run(args)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        interrupted(args)
 
 
 if __name__ == "__main__":

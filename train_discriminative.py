@@ -38,7 +38,7 @@ import torch.nn.functional as F
 import common
 from common import DataError
 from model import SampledScores, SASRecEncoder, make_item_embedding, seed_everything
-from training import add_loop_args, check_loop_args, fit, item_inputs, loop_defaults
+from training import add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults
 
 # -----------------------------------------------------------------------------
 # the model
@@ -130,7 +130,7 @@ def run(args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("data", help="prepared dataset folder DATA (prepare.py)")
     p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
     p.add_argument("--subspace", default=None, help="decompose.py output (default DATA/subspace.pt): E_lang, d_s, d_n")
@@ -155,6 +155,8 @@ def main(argv=None):
         run(args)
     except DataError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        interrupted(args)
 
 
 if __name__ == "__main__":

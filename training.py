@@ -10,6 +10,7 @@ import ctypes
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -217,6 +218,16 @@ LOOP_RANGES = {**dict.fromkeys(("hidden_dim", "num_blocks", "num_heads", "batch_
                "dropout": "[0, 1)", "lr": "(0, 1e37)", "weight_decay": "[0, 1e37)", "seed": "[0, 4294967296)"}
 
 
+def interrupted(args):
+    """Ctrl-C in a trainer: one line saying what is kept, exit 130. Checkpoints are written whole
+    or not at all, so RUN/last.pt holds the last finished epoch."""
+    last = os.path.join(args.out, "last.pt")
+    if not os.path.exists(last):
+        common.interrupted("no epoch had finished, nothing was kept")
+    epoch = load_checkpoint(last)["epoch"]
+    common.interrupted(f"{last} keeps epoch {epoch}: rerun " + ("the same command" if args.resume else "with --resume") + " to continue")
+
+
 def check_loop_args(p, args, ranges):
     """Refuse a flag outside its interval (LOOP_RANGES, then the trainer's own `ranges`; NaN is in
     none) before anything is read or written: parser.error, one line, exit 2."""
@@ -227,6 +238,11 @@ def check_loop_args(p, args, ranges):
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads must be in [1, inf), got {args.threads}")
     args.device = check_device(p, args.device)
+    last = os.path.join(args.out, "last.pt")
+    if args.resume and not os.path.isfile(last):  # found now, not after loading the data
+        sys.exit(f"error: {last}: not found, so there is nothing to --resume (no epoch of a run in {args.out} finished)")
+    if not args.resume and os.path.exists(last):  # a fresh start would replace its checkpoints and log
+        sys.exit(f"error: {last}: --out {args.out} holds a run; add --resume to continue it, or give a new --out")
     if not args.progress_every >= 0:
         p.error(f"--progress_every must be in [0, inf), got {args.progress_every}")
     if args.item_emb not in ("alphafuse", "llminit") and args.hidden_dim % args.num_heads:  # else d is --subspace's

@@ -171,7 +171,7 @@ def bench_ml1m(data, subspace, args):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     shared = os.path.join(REPO, "..", "shared", "data")
     p.add_argument("--toys", default=None, help="prepared amazon-toys DATA with lang_emb.npy (default: prepared from ../shared/data)")
     p.add_argument("--ml1m", default=None, help="prepared ml-1m --split loo DATA with lang_emb.npy (default: prepared from ../shared/data)")
