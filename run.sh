@@ -5,7 +5,8 @@
 # in the RecBole wheel), embeds the item texts with the local embedding server (embed_local.sh, which
 # stops it also on failure or Ctrl-C), decomposes, trains SASRec with AlphaFuse and with ID embeddings and
 # DreamRec with AlphaFuse, evaluates the popularity recommender, and prints the test metrics.
-# A rerun skips every stage whose output exists (delete data/ml100k or runs/ml100k to redo).
+# A rerun skips every stage whose output exists and continues an interrupted training (Ctrl-C
+# prints one line and exits 130; delete data/ml100k or runs/ml100k to redo).
 # Short schedules keep it near 10 minutes on 2 CPU cores: figures for a quick look, not the paper's.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -27,12 +28,13 @@ fi
 [ -f $DATA/subspace.pt ] || $PY decompose.py $DATA
 [ -f $DATA/subspace_dreamrec.pt ] || $PY decompose.py $DATA --null_thres 0.25 --out $DATA/subspace_dreamrec.pt
 
+# --resume continues a run that Ctrl-C (or anything else) interrupted, and starts one that has no last.pt
 for emb in alphafuse id; do
     [ -f $RUNS/sasrec_$emb/metrics.json ] || \
-        $PY train_discriminative.py $DATA --out $RUNS/sasrec_$emb --item_emb $emb --epochs 10 --patience 3 --threads $THREADS
+        $PY train_discriminative.py $DATA --out $RUNS/sasrec_$emb --item_emb $emb --epochs 10 --patience 3 --threads $THREADS --resume
 done
 [ -f $RUNS/dreamrec_alphafuse/metrics.json ] || \
-    $PY train_diffusion.py $DATA --out $RUNS/dreamrec_alphafuse --epochs 3 --lr 1e-3 --threads $THREADS
+    $PY train_diffusion.py $DATA --out $RUNS/dreamrec_alphafuse --epochs 3 --lr 1e-3 --threads $THREADS --resume
 [ -f $RUNS/popularity/metrics.json ] || \
     { mkdir -p $RUNS/popularity && $PY evaluate.py --popularity --data $DATA --out $RUNS/popularity/metrics.json; }
 

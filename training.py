@@ -123,7 +123,10 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
     log_path = os.path.join(args.out, "log.jsonl")
     last_path, best_path = os.path.join(args.out, "last.pt"), os.path.join(args.out, "ckpt.pt")
     epoch, best_val, bad_evals = 0, -1.0, 0
-    if args.resume:
+    resume = args.resume and os.path.exists(last_path)
+    if args.resume and not resume:
+        print(f"{last_path} does not exist yet: a new run starts")
+    if resume:
         ck = load_checkpoint(last_path, device)
         if ck["model_args"] != model_args:
             changed = sorted(k for k in model_args if ck["model_args"].get(k) != model_args[k])
@@ -134,8 +137,8 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
         for name, g in gens.items():
             g.set_state(ck["generators"][name].cpu())
         print(f"resumed {last_path} at epoch {epoch}")
-    created, last_good = make_run_dir(args.out), last_path if args.resume else None  # every input is checked
-    if not args.resume and os.path.exists(log_path):
+    created, last_good = make_run_dir(args.out), last_path if resume else None  # every input is checked
+    if not resume and os.path.exists(log_path):
         os.remove(log_path)  # a fresh run starts a fresh log
     train = data["train"] if args.train_on == "windows" else whole_sequences(data["train"])
     n = len(train["target"])
@@ -210,7 +213,8 @@ def add_loop_args(p):
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA (scores for ranking stay float32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, all cores)")
     p.add_argument("--progress_every", type=float, default=10.0, help="seconds between progress lines inside an epoch")
-    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt")
+    p.add_argument("--resume", action="store_true", help="continue from RUN/last.pt, or start when there is none yet "
+                   "(without it, a RUN holding last.pt is refused)")
 
 
 # the intervals of the shared flags: seeds are NumPy's; above ~3e37 a float32 Adam step overflows
@@ -239,8 +243,6 @@ def check_loop_args(p, args, ranges):
         p.error(f"--threads must be in [1, inf), got {args.threads}")
     args.device = check_device(p, args.device)
     last = os.path.join(args.out, "last.pt")
-    if args.resume and not os.path.isfile(last):  # found now, not after loading the data
-        sys.exit(f"error: {last}: not found, so there is nothing to --resume (no epoch of a run in {args.out} finished)")
     if not args.resume and os.path.exists(last):  # a fresh start would replace its checkpoints and log
         sys.exit(f"error: {last}: --out {args.out} holds a run; add --resume to continue it, or give a new --out")
     if not args.progress_every >= 0:

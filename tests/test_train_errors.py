@@ -18,6 +18,9 @@ import math
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,7 +28,7 @@ import torch
 
 import common
 import decompose
-from conftest import assert_clean_error, prepare_toy, read_log, run_main, run_script
+from conftest import REPO, assert_clean_error, prepare_toy, read_log, run_main, run_script
 
 SMALL = {"train_discriminative.py": ["--hidden_dim", "16", "--neg_ratio", "8", "--batch_size", "64", "--device", "cpu", "--epochs", "1"],
          "train_diffusion.py": ["--hidden_dim", "16", "--batch_size", "64", "--timesteps", "50", "--sample_steps", "5",
@@ -155,11 +158,46 @@ def test_out_is_a_file(data, tmp_path, kind):
 
 
 @pytest.mark.parametrize("script", BOTH)
-def test_resume_without_run_folder(data, tmp_path, script):
-    """--resume with no RUN/last.pt names last.pt and does not create RUN."""
+def test_resume_without_a_run_starts_one_and_a_fresh_start_never_replaces_one(data, tmp_path, script):
+    """--resume with no RUN/last.pt starts a new run (so scripts can always pass it); the same
+    command without --resume over that RUN is refused with one line naming last.pt, and the run's
+    files stay as they were (a fresh start used to delete its log.jsonl)."""
     run = tmp_path / "run"
-    assert_clean_error(train(script, data, run, "--resume"), "last.pt")
-    assert not run.exists()
+    first = train(script, data, run, "--resume")
+    assert first.returncode == 0, first.stderr
+    assert "does not exist yet: a new run starts" in first.stdout
+    before = {name: sha256(run / name) for name in os.listdir(run)}
+    assert_clean_error(train(script, data, run, "--epochs", "2"), "last.pt")
+    assert {name: sha256(run / name) for name in os.listdir(run)} == before
+
+
+@pytest.mark.parametrize("script", BOTH)
+def test_ctrl_c_is_one_line_keeps_the_last_epoch_and_the_rerun_continues(data, tmp_path, script):
+    """SIGINT to a real training process after its first epoch: one stderr line saying which epoch
+    RUN/last.pt keeps and how to continue, exit 130, no traceback; the rerun with --resume starts
+    from that epoch."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-u", os.path.join(REPO, script), data, "--out", run, *SMALL[script], "--epochs", "1000",
+           "--patience", "1000"]
+    proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        for line in proc.stdout:  # the first epoch's line: last.pt holds epoch 1 or later
+            if line.startswith("epoch   1 |") and "loss" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    epoch = torch.load(run / "last.pt", weights_only=True)["epoch"]
+    assert proc.returncode == 130, err
+    assert err.strip() == f"interrupted; {run / 'last.pt'} keeps epoch {epoch}: rerun with --resume to continue"
+    assert epoch >= 1 and len(read_log(run)) == epoch
+    again = train(script, data, run, "--resume", "--epochs", str(epoch + 1))
+    assert again.returncode == 0, again.stderr
+    assert f"resumed {run / 'last.pt'} at epoch {epoch}" in again.stdout
+    assert [r["epoch"] for r in read_log(run)] == list(range(1, epoch + 2))
 
 
 @pytest.mark.parametrize("script", BOTH)
