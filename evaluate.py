@@ -3,19 +3,27 @@ Evaluate a checkpoint by full ranking over all N items (or the sampled protocol 
 all test samples and per head/tail item and user group; or the popularity recommender.
 
     python evaluate.py runs/toys_alphafuse/ckpt.pt                      # -> runs/toys_alphafuse/metrics.json
-    python evaluate.py runs/toys_alphafuse/ckpt.pt --mask_history --out runs/toys_alphafuse/masked.json
-    python evaluate.py --popularity --data data/toys                    # most popular training items
+    python evaluate.py runs/toys_alphafuse/ckpt.pt --mask_history       # -> runs/toys_alphafuse/metrics_masked.json
+    python evaluate.py --popularity --data data/toys --out runs/toys_popularity.json  # most popular training items
 
 Reads  CKPT (train_discriminative.py or train_diffusion.py) and its DATA/{split}.npz, meta.json.
-Writes FILE (default metrics.json beside CKPT; DATA/popularity.json with --popularity) as
-       {split: {group: {"HR@10": x, "NDCG@10": x, "MRR@10": x, "HR@20": ...}}}, groups all,
-       head_item, tail_item (the 20% most popular training items and the rest), head_user,
+Writes FILE as {split: {group: {"HR@10": x, "NDCG@10": x, "MRR@10": x, "HR@20": ...}}}, groups
+       all, head_item, tail_item (the 20% most popular training items and the rest), head_user,
        tail_user (the 20% of users with the longest training histories and the rest).
+FILE is --out, which --popularity requires (only prepare.py, embed.py and decompose.py write into
+DATA), as does a --data other than the folder CKPT was trained on. Without --out, FILE lies beside
+CKPT, named from the options, so that only the trainer's own protocol (--split test, full ranking,
+no mask, --ks 10,20, seed 0) rewrites the trainer's metrics.json, with the same numbers; any other
+evaluation writes metrics_<parts>.json, with the parts that differ from that protocol in this
+order: valid, masked, sampled<M>, k<K,K,...> (--ks as parsed), seed<S> (only where the seed
+changes the numbers: with --sampled, or DreamRec's x_T). E.g. --split valid --mask_history --ks
+5,10 -> metrics_valid_masked_k5,10.json; --sampled 100 --seed 1 -> metrics_sampled100_seed1.json.
 Prints the same as a table.
 rank = 1 + #{j != target : score_j >= score_target} (ties count against the model);
 HR@K = [rank <= K], NDCG@K = [rank <= K] / log2(rank + 1), MRR@K = [rank <= K] / rank.
 --mask_history removes the items of the sample's history window (except the target) from the
-ranking; --sampled M ranks the target against M items drawn (seeded) from outside that window.
+ranking; --sampled M ranks the target against M items drawn (seeded) from outside that window, so
+the two together are refused (the mask would change nothing).
 Bad flags, a checkpoint that does not fit DATA (N, L, its own weights) or a split with user indices
 outside meta.json's users fail before the ranking with one `error:` line; FILE is written last.
 """
@@ -90,21 +98,44 @@ def load_trained(args):
         if meta[key] != ckpt["model_args"].get(key):
             raise DataError(f"{os.path.join(data_dir, 'meta.json')}: {key} {meta[key]}, "
                             f"but the checkpoint {args.ckpt} has {ckpt['model_args'].get(key)}")
-    return load_model(ckpt, args.device, args.ckpt).scorer(args.seed), data_dir, meta
+    return load_model(ckpt, args.device, args.ckpt).scorer(args.seed), data_dir, meta, ckpt
+
+
+def default_out(args, ks, ckpt):
+    """The FILE beside CKPT when there is no --out: metrics.json for the trainer's own protocol,
+    else metrics_<parts>.json named from the options that differ from it (see the docstring)."""
+    trained_on = ckpt["config"].get("data")
+    if args.data and not (isinstance(trained_on, str) and os.path.isdir(trained_on)
+                          and os.path.samefile(args.data, trained_on)):
+        raise DataError(f"--data {args.data} is not the folder {args.ckpt} was trained on: give --out FILE")
+    parts = []
+    if args.split != "test":
+        parts.append(args.split)
+    if args.mask_history:
+        parts.append("masked")
+    if args.sampled:
+        parts.append(f"sampled{args.sampled}")
+    if ks != [10, 20]:
+        parts.append("k" + ",".join(map(str, ks)))
+    # the seed changes the numbers only where something is drawn; SASRec's full ranking draws nothing
+    if args.seed and (args.sampled or ckpt.get("backbone") == "dreamrec"):
+        parts.append(f"seed{args.seed}")
+    return os.path.join(os.path.dirname(args.ckpt) or ".", "_".join(["metrics", *parts]) + ".json")
 
 
 def run(args, ks):
     if args.popularity:
         if not args.data:
             raise DataError("--popularity needs --data DATA")
+        if not args.out:  # DATA belongs to prepare.py, embed.py and decompose.py
+            raise DataError("--popularity needs --out FILE (evaluate.py writes nothing into DATA)")
         meta = common.load_meta(args.data)
-        scorer, data_dir = popularity_scorer(meta, args.device), args.data
-        out = args.out or os.path.join(args.data, "popularity.json")
+        scorer, data_dir, out = popularity_scorer(meta, args.device), args.data, args.out
     else:
         if not args.ckpt:
-            raise DataError("give a checkpoint CKPT, or --popularity --data DATA")
-        scorer, data_dir, meta = load_trained(args)
-        out = args.out or os.path.join(os.path.dirname(args.ckpt) or ".", "metrics.json")
+            raise DataError("give a checkpoint CKPT, or --popularity --data DATA --out FILE")
+        scorer, data_dir, meta, ckpt = load_trained(args)
+        out = args.out or default_out(args, ks, ckpt)
     common.check_output(out)  # the inputs first (a missing CKPT is the news), then out, before ranking
     if args.sampled > meta["num_items"] - meta["max_len"] - 1:
         raise DataError(f"--sampled {args.sampled}: only N - L - 1 = {meta['num_items'] - meta['max_len'] - 1} "
@@ -132,7 +163,8 @@ def main(argv=None):
     p.add_argument("--sampled", type=int, default=0, help="rank against this many sampled items (LLM-ESR: 100; 0 = all)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives and of diffusion sampling")
     p.add_argument("--batch_size", type=int, default=1024, help="samples scored at once")
-    p.add_argument("--out", default=None, help="output JSON (default: metrics.json beside CKPT)")
+    p.add_argument("--out", default=None, help="output JSON (required with --popularity; default: beside CKPT, "
+                   "metrics.json for the trainer's protocol, else named from the options, e.g. metrics_masked.json)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice, all cores)")
     args = p.parse_args(argv)
@@ -141,6 +173,9 @@ def main(argv=None):
         p.error(f"--batch_size {args.batch_size}: must be at least 1")
     if args.sampled < 0:
         p.error(f"--sampled {args.sampled}: must be >= 0 (0 ranks against all items)")
+    if args.mask_history and args.sampled:
+        p.error("--mask_history with --sampled changes nothing: "
+                "the sampled items already lie outside the history window")
     if args.threads is not None and args.threads < 1:
         p.error(f"--threads {args.threads}: must be at least 1")
     if args.threads:

@@ -262,3 +262,24 @@ def test_decompose_plot_in_read_only_folder_leaves_no_pt(toy, tmp_path):
     proc = run_main("decompose.py", data, "--dim", "16", "--null_dim", "8", "--plot", png)
     assert_clean_error(proc, str(png))
     assert not os.path.exists(os.path.join(data, "subspace.pt"))
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py: flags that would write where they should not, or change nothing
+
+
+def test_evaluate_popularity_without_out_writes_nothing_into_data(toy, tmp_path):
+    """--popularity without --out (which wrote DATA/popularity.json) names --out, and DATA is left
+    as it was: only prepare.py, embed.py and decompose.py write there."""
+    data = copy_data(toy[0], tmp_path)
+    before = sorted(os.listdir(data))
+    assert_clean_error(run_main("evaluate.py", "--popularity", "--data", data, "--device", "cpu"), "--out")
+    assert sorted(os.listdir(data)) == before
+
+
+def test_evaluate_mask_history_with_sampled_is_refused(toy, tmp_path):
+    """--mask_history --sampled M is an argparse error: the sampled items already lie outside the
+    history window, so the mask would change nothing while the header said 'history masked'."""
+    message = evaluate_fails(tmp_path, toy[1], "--mask_history", "--sampled", "5", names=["--mask_history"],
+                             argparse_ok=True)
+    assert "--sampled" in message
