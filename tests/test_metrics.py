@@ -7,6 +7,7 @@ causal, blind to padding, finite for one-item histories, fine with a batch of on
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -199,7 +200,7 @@ def test_group_means_empty_group_is_none():
 
 def test_popularity_recommender_ranks_most_popular_first(tmp_path):
     """evaluate.py --popularity: the most popular training item is ranked first (NDCG 1), the second
-    one second (NDCG 1/log2(3)), an unpopular one beyond K (0); written to DATA/popularity.json."""
+    one second (NDCG 1/log2(3)), an unpopular one beyond K (0); written to --out, nothing into DATA."""
     data = tmp_path / "data"
     data.mkdir()
     pop = [0, 2, 50, 1, 30, 0, 3, 4, 5, 6, 7, 8, 9, 10, 11]  # item 2 first, item 4 second, item 5 last
@@ -207,8 +208,9 @@ def test_popularity_recommender_ranks_most_popular_first(tmp_path):
                                                 "user_history_len": [2, 2, 2]})
     np.savez(data / "test.npz", seq=np.array([[0, 1, 3], [0, 0, 6], [7, 8, 9]], dtype=np.int64),
              target=np.array([2, 4, 5], dtype=np.int64), user=np.array([0, 1, 2], dtype=np.int64))
-    evaluate.main(["--popularity", "--data", str(data), "--ks", "1,10", "--device", "cpu"])
-    with open(data / "popularity.json") as f:
+    evaluate.main(["--popularity", "--data", str(data), "--ks", "1,10", "--device", "cpu", "--out", str(tmp_path / "pop.json")])
+    assert sorted(os.listdir(data)) == ["meta.json", "test.npz"]
+    with open(tmp_path / "pop.json") as f:
         res = json.load(f)["test"]["all"]
     assert res["HR@1"] == pytest.approx(1 / 3)
     assert res["NDCG@10"] == pytest.approx((1 + 1 / math.log2(3)) / 3)
