@@ -2,8 +2,8 @@
 Embed the item texts through an OpenAI-compatible endpoint (POST {base_url}/embeddings): OpenAI,
 vLLM, Hugging Face TEI, Ollama, llama.cpp, Infinity, or the local serve_embeddings.py (default).
 
-    python serve_embeddings.py &                # local all-MiniLM-L6-v2 on http://127.0.0.1:8080/v1
-    python embed.py DATA                        # -> DATA/lang_emb.npy (N, 384)
+    bash embed_local.sh DATA                    # starts serve_embeddings.py, waits for /health, runs:
+    python embed.py DATA --base_url URL         # -> DATA/lang_emb.npy (N, 384)
     python embed.py DATA --base_url https://api.openai.com/v1 --model text-embedding-3-large
 
 Reads  DATA/items.jsonl    N lines {"item_id": str, "text": str}
@@ -15,7 +15,9 @@ Writes DATA/lang_emb.npy   float32 (N, d_l): row i embeds line i of items.jsonl 
                            order, so its output is byte-identical). Delete it to re-embed from scratch.
 The key, read from the environment variable --api_key_env (a Bearer token), and the ?query of
 --base_url (sent: Azure's api-version) are never printed or written; user:password@ is refused.
-Progress (texts/s, ETA) and retries go to stderr; a summary line to stdout.
+First it GETs {base_url}/models and prints on stdout the server and what it lists: not listing --model
+(another server on the port) is an error, no such route a note. Progress (texts/s, ETA) and retries
+go to stderr; a summary line to stdout.
 """
 
 import argparse
@@ -173,8 +175,8 @@ class Endpoint:
 
     def __init__(self, args, api_key, dim):
         query = urllib.parse.urlsplit(args.base_url).query  # sent (Azure needs ?api-version=), never printed
-        self.name = public_url(args.base_url) + "/embeddings"
-        self.url, self.args = self.name + (f"?{query}" if query else ""), args
+        self.base, self.query, self.args = public_url(args.base_url), f"?{query}" if query else "", args
+        self.name = self.base + "/embeddings"  # printed; self.query is appended when sending
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         values = [part.partition("=")[2] for part in query.split("&")]  # as written and decoded: servers echo
         self.secrets = sorted({api_key, *values, *map(urllib.parse.unquote_plus, values)} - {""}, key=len, reverse=True)
@@ -191,6 +193,37 @@ class Endpoint:
             msg = msg.replace(secret, "[redacted]")
         return msg
 
+    def failure(self, e):
+        """A requests exception -> one line saying why; EndpointError if the connection was refused
+        before the server ever answered: nothing listens there, so no retry can help."""
+        reason = getattr(e.args[0], "reason", None) if e.args else None  # urllib3's, without "Max retries"
+        if isinstance(getattr(reason, "__cause__", None), ConnectionRefusedError) and not self.answered:
+            raise EndpointError(f"{self.name}: connection refused; is the server running? "
+                                "(start the local one with: python serve_embeddings.py)") from None
+        return self.redact(f"{type(e).__name__}: {reason or e}")[:300]
+
+    def check_model(self):
+        """GET {base_url}/models (OpenAI: {"data": [{"id"}]}) once and print which server answered and
+        what it serves: EndpointError if that is not --model (Ollama's "name:latest" counts as "name").
+        No answer, another status or body is a note; the embedding requests, with retries, go on."""
+        url, model = self.base + "/models", self.args.model
+        try:
+            r = requests.get(url + self.query, auth=self.auth, timeout=self.args.timeout)
+            self.answered = True
+            ids = [str(m["id"]) for m in r.json()["data"]] if r.ok else []
+            problem = "" if ids else "no model listed" if r.ok else f"HTTP {r.status_code}: {server_message(r)}"
+        except requests.RequestException as e:  # a JSONDecodeError too: self.answered is set by then
+            problem = self.failure(e)
+        except (ValueError, KeyError, TypeError) as e:
+            problem = f"unexpected answer ({type(e).__name__}: {e})"
+        if problem:
+            return print(self.redact(f"note: {url}: {problem}")[:300] + "; going on, the model unconfirmed")
+        shown = ", ".join(ids[:8]) + (f" and {len(ids) - 8} more" if len(ids) > 8 else "")
+        if model not in ids and f"{model}:latest" not in ids:
+            raise EndpointError(self.redact(f"{url} serves {shown}, not --model {model} (another server "
+                                            "at that address, or a misspelt name?)"))
+        print(self.redact(f"server {self.base} serves {shown}: --model {model} is among them"))
+
     def embed(self, texts):
         """texts -> (B, d) float32, retrying 429/5xx/timeouts/dropped connections/malformed bodies;
         None if stopped because another batch failed for good (its error is the one to report)."""
@@ -206,7 +239,7 @@ class Endpoint:
             if not self.limiter.acquire(alone):
                 return None
             try:
-                r = self.local.session.post(self.url, json=payload, auth=self.auth, timeout=args.timeout * (1 + alone))
+                r = self.local.session.post(self.name + self.query, json=payload, auth=self.auth, timeout=args.timeout * (1 + alone))
                 self.answered = True
                 if 200 <= r.status_code < 300:
                     E = parse_embeddings(r.json(), len(texts))
@@ -220,12 +253,8 @@ class Endpoint:
                 if r.status_code not in RETRY_STATUS and r.status_code < 500:
                     raise EndpointError(f"{self.name}: {problem}")
             except requests.RequestException as e:  # timeouts, refused or dropped connections
-                reason = getattr(e.args[0], "reason", None) if e.args else None  # urllib3's, without "Max retries"
-                if isinstance(getattr(reason, "__cause__", None), ConnectionRefusedError) and not self.answered:
-                    outcome = "stop"  # nothing listens there: no retry can help
-                    raise EndpointError(f"{self.name}: connection refused; is the server running? "
-                                        "(start the local one with: python serve_embeddings.py)") from None
-                problem = self.redact(f"{type(e).__name__}: {reason or e}")[:300]
+                outcome = "stop"  # kept if failure() raises: nothing listens there
+                problem = self.failure(e)
                 outcome = "busy" if isinstance(e, requests.Timeout) else None
             except ValueError as e:  # invalid JSON or a response that fails validation
                 problem = self.redact(f"malformed response: {e}")[:300]
@@ -265,8 +294,10 @@ def embed_items(args, api_key):
     plan = (f"{len(texts)} items, {len(distinct)} distinct texts, {len(vectors)} cached; requesting {total} "
             f"in {len(todo)} batches from {endpoint.name} (model {args.model})")
 
-    if todo and os.path.exists(cache_path) and os.path.getsize(cache_path) > valid:
-        os.truncate(cache_path, valid)  # cut a torn tail off so that new records follow valid ones
+    if todo:
+        endpoint.check_model()  # which server answers, before any text is sent
+        if os.path.exists(cache_path) and os.path.getsize(cache_path) > valid:
+            os.truncate(cache_path, valid)  # cut a torn tail off so that new records follow valid ones
     t0, done, shown, cache = time.time(), 0, 0.0, None
     pool = ThreadPoolExecutor(args.workers)  # the limiter decides how many of them send at once
     futures = {pool.submit(endpoint.embed, [t for _, t in b]): b for b in todo}

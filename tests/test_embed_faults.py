@@ -197,3 +197,48 @@ def test_vectors_of_another_dimension_than_the_cached_ones_stop_at_once(tmp_path
     proc = run_main(capfd, data, "--base_url", url6, *FAST, "--workers", "4")
     assert_clean_error(proc, "lang_emb.cache")
     assert "6-d" in proc.stderr and len(srv6.inputs) == 1 and not (data / "lang_emb.npy").exists()
+
+
+def test_the_server_and_its_models_are_named_before_the_first_request(tmp_path, fake_server, capfd):
+    """Before any text is sent, one GET {base_url}/models (with the URL's query) and one stdout line
+    naming the server (no query, no key) and what it serves, --model among them."""
+    srv, url = fake_server(models=["other-model", "fake"])
+    proc = run_main(capfd, make_data(tmp_path), "--base_url", f"{url}?key={KEY}", *FAST)
+    assert proc.returncode == 0, proc.stderr
+    assert srv.gets == [(f"/v1/models?key={KEY}", 0)] and len(srv.inputs) == 10
+    assert proc.stdout.splitlines()[0] == f"server {url} serves other-model, fake: --model fake is among them"
+    assert KEY not in proc.stdout + proc.stderr
+    proc = run_main(capfd, tmp_path, "--base_url", "http://127.0.0.1:9/v1", *FAST)  # all cached: asks nobody
+    assert proc.returncode == 0 and proc.stdout.startswith("wrote") and len(srv.gets) == 1, proc.stdout
+
+
+def test_a_server_serving_another_model_is_one_error_line_and_sends_nothing(tmp_path, fake_server, capfd):
+    """The report's case: another server holds the port and embeds whatever it is asked with its
+    own model. One error line naming the URL, --model and what it serves; no text sent, no file."""
+    srv, url = fake_server(models=["nomic-embed-text:v1.5"])
+    data = make_data(tmp_path)
+    proc = run_main(capfd, data, "--base_url", url, *FAST)
+    message = assert_clean_error(proc, f"{url}/models serves nomic-embed-text:v1.5, not --model fake")
+    assert srv.inputs == [] and sorted(os.listdir(data)) == ["items.jsonl"], message
+
+
+def test_ollama_latest_tag_counts_as_the_bare_name(tmp_path, fake_server, capfd):
+    """Ollama lists "name:latest" and embeds with "name": that is the model asked for."""
+    srv, url = fake_server(models=["fake:latest"])
+    proc = run_main(capfd, make_data(tmp_path), "--base_url", url, *FAST)
+    assert proc.returncode == 0 and "serves fake:latest: --model fake is among them" in proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("models, why", [("404", "HTTP 404: no route GET /v1/models"), ("405", "HTTP 405"),
+                                         ("garbage", "JSONDecodeError"), ("shape", "unexpected answer"),
+                                         ("slow", "ReadTimeout")])
+def test_a_server_without_a_models_list_is_a_note_and_embedding_goes_on(tmp_path, fake_server, capfd, models, why):
+    """No /models route (some providers), a body that is not a model list, or no answer within
+    --timeout: one stdout note saying why, then every vector as usual, no retry of the GET."""
+    srv, url = fake_server(models=models)
+    proc = run_main(capfd, make_data(tmp_path), "--base_url", url, *FAST)
+    assert proc.returncode == 0, proc.stderr
+    note = proc.stdout.splitlines()[0]
+    assert note.startswith(f"note: {url}/models: ") and why in note and note.endswith("the model unconfirmed"), note
+    assert len(srv.gets) == 1 and np.array_equal(np.load(tmp_path / "lang_emb.npy"), expected())
+

@@ -1,8 +1,9 @@
 """
 serve_embeddings.py under load and at its edges, against the real server in a subprocess on
 127.0.0.1: query strings, the bounded queue (503 + Retry-After), clients that leave while queued,
-the /health counters, and a busy port. One server per module (the model loads in a few seconds),
-slowed by --delay_per_text so that a request stays in line long enough to observe.
+the /health counters, a busy port, a request sent while the model loads, and embed_local.sh waiting
+for /health. One server per module (the model loads in a few seconds), slowed by --delay_per_text
+so that a request stays in line long enough to observe; the loading tests start their own.
 
     python -m pytest -q tests/test_server.py
 """
@@ -10,14 +11,17 @@ slowed by --delay_per_text so that a request stays in line long enough to observ
 import http.client
 import json
 import math
+import os
 import socket
+import subprocess
+import sys
 import time
 import uuid
 
 import pytest
 import requests
 
-from conftest import LocalServer, assert_clean_error, run_script
+from conftest import REPO, LocalServer, assert_clean_error, run_script
 
 DELAY = 0.3  # seconds per text: a 4-text request holds the encoder for over a second
 
@@ -153,3 +157,58 @@ def test_busy_port_fails_at_once_with_one_line(tmp_path):
     proc = run_script("serve_embeddings.py", "--port", 0, "--model_dir", tmp_path / "no_model", timeout=60)
     assert_clean_error(proc, "--model_dir")
     assert proc.returncode == 1
+
+
+def test_a_request_made_while_the_model_loads_waits_and_is_answered():
+    """The port is printed as soon as it is bound ("bound URL"), before the model loads; a /health
+    sent then is neither refused nor failed: it waits, and is answered once the model is ready."""
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "serve_embeddings.py"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("bound http://127.0.0.1:") and "loading the model" in first, first
+        r = requests.get(first.split()[1].removesuffix(";").removesuffix("/v1") + "/health", timeout=120)
+        assert r.status_code == 200 and r.json()["status"] == "ok"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_embed_local_sh_waits_for_health_then_embeds(tmp_path):
+    """embed_local.sh run from another folder with a relative DATA: the server on a free port,
+    embed.py naming it and its model, DATA/lang_emb.npy written, the server stopped."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "items.jsonl").write_text('{"item_id": "1", "text": "Heat (1995)"}\n')
+    proc = subprocess.run(["bash", os.path.join(REPO, "embed_local.sh"), "d"], cwd=tmp_path,
+                          env=dict(os.environ, PY=sys.executable), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("server http://127.0.0.1:") and "--model all-MiniLM-L6-v2 is among them" in proc.stdout
+    assert (tmp_path / "d" / "lang_emb.npy").exists()
+    health = proc.stdout.split()[1].removesuffix("/v1") + "/health"
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # SIGTERM was sent as the script exited: gone within moments
+        try:
+            requests.get(health, timeout=1)
+        except requests.ConnectionError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the server still answers {health} after embed_local.sh exited")
+
+
+def test_embed_local_sh_reports_a_server_that_dies_while_loading(tmp_path):
+    """A server that binds and then fails (here: a --model_dir that does not exist) ends
+    embed_local.sh within seconds with an error line and the server's own error, embedding nothing."""
+    wrapper = tmp_path / "py"
+    wrapper.write_text(f'#!/bin/sh\ncase "$1" in *serve_embeddings.py) exec {sys.executable} "$@" --model_dir '
+                       f'{tmp_path}/none;; esac\nexec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "items.jsonl").write_text('{"item_id": "1", "text": "Heat (1995)"}\n')
+    t0 = time.monotonic()
+    proc = subprocess.run(["bash", os.path.join(REPO, "embed_local.sh"), "d"], cwd=tmp_path,
+                          env=dict(os.environ, PY=str(wrapper)), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and time.monotonic() - t0 < 30, proc.stderr
+    assert proc.stderr.startswith("error: serve_embeddings.py stopped before it was ready")
+    assert "error: --model_dir" in proc.stderr and "Traceback" not in proc.stderr
+    assert os.listdir(tmp_path / "d") == ["items.jsonl"]
