@@ -2,6 +2,10 @@
 names the folders tests use. Tests that need the real datasets skip when SHARED_DATA is absent.
 A stage runs as a real command with run_script, or with run_main in this process (the same
 CompletedProcess, without the 3-4 s of interpreter and torch start-up per run).
+Commands and servers that tests start run in a process group of their own, killed whole when the
+call ends, times out or is interrupted, so that nothing keeps running after pytest moves on. Their
+timeouts guard against hangs only: each test bounds its work (tiny data, few epochs), not its time,
+so that a slow or busy machine passes too.
 
 Run the suite with:  cd /work/main && python -m pytest -q tests/
 """
@@ -13,9 +17,11 @@ import json
 import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 
 import numpy as np
@@ -24,8 +30,23 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
 
+# A command or a server's start-up still going after this long hangs: each does seconds of work,
+# also beside another CPU-heavy process on 2 cores. A guard against hangs, no measure of speed.
+HANG_TIMEOUT = 600
+
 if REPO not in sys.path:
     sys.path.insert(0, REPO)
+
+STARTED = []  # every process group that run_command and LocalServer started, killed at the end
+
+
+@pytest.fixture(scope="session", autouse=True)
+def kill_leftover_processes():
+    """A safety net: a group that a test left running (say, a fixture that failed before its
+    teardown) is killed when the session ends."""
+    yield
+    for proc in STARTED:
+        kill_group(proc)
 
 
 @pytest.fixture(scope="session")
@@ -42,10 +63,40 @@ def shared_data():
     return SHARED_DATA
 
 
-def run_script(script, *args, cwd=None, env=None, timeout=120):
-    """Run `python REPO/<script> args...` in a subprocess; returns the CompletedProcess (text)."""
-    return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, env=env, timeout=timeout)
+def kill_group(proc, grace=10):
+    """SIGTERM to proc's process group (proc started with start_new_session=True), SIGKILL to what
+    is left after `grace` seconds; the group's members that a script left behind go with it."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError, PermissionError):  # the group is gone already
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(grace)
+
+
+def run_command(cmd, cwd=None, env=None, timeout=HANG_TIMEOUT):
+    """subprocess.run(cmd, capture_output=True, text=True), in a process group of its own that is
+    killed whole when the command ends (children it left running), is interrupted, or hangs past
+    `timeout` seconds, which fails the test with the command and the tail of its output."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd, env=env,
+                            start_new_session=True)
+    STARTED.append(proc)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(map(str, cmd))} still ran after {timeout} s, a hang (it does far less work), "
+                    f"and was killed with its child processes.\nstdout tail:\n{out[-2000:]}\nstderr tail:\n{err[-2000:]}")
+    finally:
+        kill_group(proc)
+        STARTED.remove(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_script(script, *args, cwd=None, env=None, timeout=HANG_TIMEOUT):
+    """Run `python REPO/<script> args...` with run_command; returns the CompletedProcess (text)."""
+    return run_command([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd, env=env,
+                       timeout=timeout)
 
 
 @contextlib.contextmanager
@@ -133,19 +184,36 @@ def run_main(script, *args, cwd=None, env=None):
 
 class LocalServer:
     """serve_embeddings.py --port 0 FLAGS, started in the background (several load their models side
-    by side); .wait() returns it once it listens, with .url 'http://127.0.0.1:PORT/v1'; .stop()."""
+    by side) in a process group of its own; .wait() returns it once it listens, with .url
+    'http://127.0.0.1:PORT/v1'; .stop() kills the group."""
 
     def __init__(self, *flags):
         self.proc = subprocess.Popen([sys.executable, os.path.join(REPO, "serve_embeddings.py"), "--port", "0",
-                                      *map(str, flags)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+                                      *map(str, flags)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                     start_new_session=True)
+        STARTED.append(self.proc)
 
-    def wait(self):
+    def wait(self, timeout=HANG_TIMEOUT):
+        """Until the server prints 'listening on URL'. The model loads in seconds; a server still
+        silent after `timeout` seconds hangs, and is killed (its output ends, which fails the test)."""
+        timed_out = threading.Event()
+
+        def hang():
+            timed_out.set()
+            kill_group(self.proc)
+
+        hung = threading.Timer(timeout, hang)
+        hung.start()
         lines = []
-        while not (lines and lines[-1].startswith("listening on")):
-            lines.append(self.proc.stdout.readline())
-            if not lines[-1]:
-                self.proc.kill()
-                pytest.fail(f"serve_embeddings.py exited before listening: {lines}")
+        try:
+            while not (lines and lines[-1].startswith("listening on")):
+                lines.append(self.proc.stdout.readline())
+                if not lines[-1]:
+                    self.stop()
+                    why = f"was silent for {timeout} s, a hang, and was killed" if timed_out.is_set() else "exited"
+                    pytest.fail(f"serve_embeddings.py {why} before listening; its output: {lines}")
+        finally:
+            hung.cancel()
         self.url = lines[-1].split()[-1]
         return self
 
@@ -154,8 +222,9 @@ class LocalServer:
         return requests.get(self.url.removesuffix("/v1") + "/health", timeout=10).json()
 
     def stop(self):
-        self.proc.terminate()
-        self.proc.wait(10)
+        kill_group(self.proc)
+        if self.proc in STARTED:
+            STARTED.remove(self.proc)
 
 
 def assert_clean_error(proc, *names, argparse_ok=False):

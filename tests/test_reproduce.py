@@ -8,19 +8,22 @@ an interrupted run resumes, a failing run fails the script, bad input fails with
 
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
 import pytest
 
 import report
-from conftest import REPO, assert_clean_error, prepare_toy, read_json, read_log, run_script
+from conftest import REPO, assert_clean_error, prepare_toy, read_json, read_log, run_command, run_script
 
 MAIN_ROWS = ["Popularity", "SASRec (ID)", "LLMInit", "MoRec", "WhitenRec", "AlphaFuse (SASRec)",
              "DreamRec (ID)", "AlphaFuse (DreamRec)"]
 RUNS = ["sasrec_alphafuse", "sasrec_id", "sasrec_llminit", "sasrec_morec", "sasrec_whitenrec",
         "dreamrec_alphafuse", "dreamrec_id", "ablation_nostand", "ablation_noclip", "ablation_nofrozen"]
+# The settings in reproduce() bound the work: about 30 commands that each start Python, most of
+# them torch; 3 minutes on 2 cores beside another CPU-heavy process. A run still going after an
+# hour hangs (the limit is no measure of the machine's speed).
+HANG_TIMEOUT = 3600
 
 
 def reproduce(root, **settings):
@@ -29,8 +32,7 @@ def reproduce(root, **settings):
                OUT=str(root / "runs"), DOCS=str(root / "docs"), DATASETS="toy", ABLATE="toy", SEEDS="0 1",
                EPOCHS="2", DIFF_EPOCHS="1", DIFF_LR="1e-3", JOBS="2")
     env.update(settings)
-    return subprocess.run(["bash", os.path.join(REPO, "reproduce.sh")], env=env, capture_output=True,
-                          text=True, timeout=600)
+    return run_command(["bash", os.path.join(REPO, "reproduce.sh")], env=env, timeout=HANG_TIMEOUT)
 
 
 def rows(text):
