@@ -206,10 +206,11 @@ def test_a_run_killed_midway_resumes_with_only_the_missing_texts(tmp_path, fake_
     env = dict(os.environ, OPENAI_API_KEY=KEY)
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "embed.py"), str(data), "--base_url", url] + FAST
                             + ["--timeout", "60"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 30
-    while len(srv.inputs) <= k and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.5)  # let the client store batch k while request k+1 hangs
+    cache, keys = str(data / "lang_emb.cache"), {embed.cache_key("fake", None, t) for t in TEXTS}
+    deadline = time.time() + 600  # a guard against a hang only: the wait ends when both have happened
+    while time.time() < deadline and proc.poll() is None and not (
+            len(srv.inputs) > k and len(embed.load_cache(cache, keys)[0]) == 4 * k):
+        time.sleep(0.05)  # request k+1 hangs, and the k batches before it are in the cache
     proc.send_signal(signal.SIGKILL)
     out, err = proc.communicate()
     assert len(srv.inputs) == k + 1, err.decode()

@@ -108,9 +108,9 @@ def test_a_refused_connection_at_the_start_fails_at_once_with_a_hint(tmp_path):
         port = s.getsockname()[1]  # free once closed: nothing listens there
     data = make_data(tmp_path)
     t0 = time.time()
-    proc = run_script("embed.py", data, "--base_url", f"http://127.0.0.1:{port}/v1", timeout=60)
+    proc = run_script("embed.py", data, "--base_url", f"http://127.0.0.1:{port}/v1")
     assert_clean_error(proc, "serve_embeddings.py")
-    assert "refused" in proc.stderr and time.time() - t0 < 30
+    assert "refused" in proc.stderr and time.time() - t0 < 60  # with retries it took 212 s
     assert sorted(os.listdir(data)) == ["items.jsonl"]
 
 
@@ -170,7 +170,7 @@ def test_a_refused_connection_mid_run_is_retried(tmp_path, fake_server, capfd):
     port = srv.server_address[1]
 
     def restart():
-        deadline = time.time() + 30
+        deadline = time.time() + 600  # a guard against a hang only
         while len(srv.inputs) < 2 and time.time() < deadline:
             time.sleep(0.005)
         srv.shutdown()

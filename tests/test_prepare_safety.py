@@ -228,7 +228,7 @@ def test_read_only_parent_is_refused(tmp_path):
 def run_limited(*args, cwd):
     limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (10, 10))
     return subprocess.run([sys.executable, os.path.join(REPO, "prepare.py"), *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120, preexec_fn=limit)
+                          capture_output=True, text=True, timeout=600, preexec_fn=limit)  # a hang guard
 
 
 def test_failed_write_leaves_nothing(tmp_path):

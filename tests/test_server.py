@@ -40,7 +40,7 @@ def health(base):
     return r.json()
 
 
-def wait_health(base, ok, timeout=10):
+def wait_health(base, ok, timeout=300):  # a guard against a hang only
     """Poll /health until ok(health) holds; the health that satisfied it."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
