@@ -14,6 +14,10 @@
 # with nproc / JOBS threads. Every setting below is an environment variable (SASREC="" runs no SASRec).
 set -euo pipefail
 cd "$(dirname "$0")"
+# Ctrl-C: one line and exit 130. The data stages print that line themselves; the runs write theirs
+# into RUN/train.log, so from the runs on this script says it.
+runs_started=
+trap '[ -z "$runs_started" ] || echo "interrupted; rerun the same command to continue" >&2; exit 130' INT
 PY=${PY:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
 SHARED=${SHARED:-../shared/data}  # the sources: SHARED/NAME, prepared into DATA_ROOT/NAME
 DATA_ROOT=${DATA_ROOT:-data}
@@ -54,14 +58,14 @@ for name in $DATASETS; do
 done
 
 queue() {  # RUN SCRIPT ARGS...: print the command line of one run, unless RUN is finished
-    local run=$1 resume=""
+    local run=$1  # --resume continues from RUN/last.pt, or starts the run when there is none
     shift
     [ -f $run/metrics.json ] && return
-    [ -f $run/last.pt ] && resume=--resume
-    echo "mkdir -p $run && $PY $* --out $run --threads $THREADS $resume >> $run/train.log 2>&1 || { echo failed: $run/train.log; exit 1; }"
+    echo "mkdir -p $run && $PY $* --out $run --threads $THREADS --resume >> $run/train.log 2>&1 || { s=\$?; [ \$s = 130 ] && exit 130; echo failed: $run/train.log; exit 1; }"
 }
 
 status=0
+runs_started=1
 for name in $DATASETS; do
     data=$DATA_ROOT/$name runs=$OUT/$name
     for seed in $SEEDS; do

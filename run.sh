@@ -15,25 +15,32 @@ RUNS=runs/ml100k
 PY=.venv/bin/python
 THREADS=${THREADS:-$(nproc)}  # torch threads of each training run
 
+timed() {  # NAME COMMAND...: run it, then say how long it took, so a slow machine shows where
+    local t0=$SECONDS
+    "${@:2}"
+    echo "[run.sh] $1: $((SECONDS - t0)) s (load average $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo unknown))"
+}
+
 if [ ! -f .venv/.installed ]; then
+    echo "[run.sh] installing requirements-server.txt into .venv (torch, sentence-transformers): a few minutes"
     python3 -m venv .venv
-    $PY -m pip install --quiet -r requirements-server.txt
+    timed install $PY -m pip install --progress-bar off -r requirements-server.txt
     touch .venv/.installed
 fi
 
-[ -f $DATA/meta.json ] || $PY prepare.py ml-100k --out $DATA
+[ -f $DATA/meta.json ] || timed prepare $PY prepare.py ml-100k --out $DATA
 
-[ -f $DATA/lang_emb.npy ] || PY=$PY bash embed_local.sh $DATA
+[ -f $DATA/lang_emb.npy ] || PY=$PY timed embed bash embed_local.sh $DATA
 
-[ -f $DATA/subspace.pt ] || $PY decompose.py $DATA
-[ -f $DATA/subspace_dreamrec.pt ] || $PY decompose.py $DATA --null_thres 0.25 --out $DATA/subspace_dreamrec.pt
+[ -f $DATA/subspace.pt ] || timed decompose $PY decompose.py $DATA
+[ -f $DATA/subspace_dreamrec.pt ] || timed decompose $PY decompose.py $DATA --null_thres 0.25 --out $DATA/subspace_dreamrec.pt
 
 # --resume continues a run that Ctrl-C (or anything else) interrupted, and starts one that has no last.pt
 for emb in alphafuse id; do
-    [ -f $RUNS/sasrec_$emb/metrics.json ] || \
+    [ -f $RUNS/sasrec_$emb/metrics.json ] || timed "SASRec $emb" \
         $PY train_discriminative.py $DATA --out $RUNS/sasrec_$emb --item_emb $emb --epochs 10 --patience 3 --threads $THREADS --resume
 done
-[ -f $RUNS/dreamrec_alphafuse/metrics.json ] || \
+[ -f $RUNS/dreamrec_alphafuse/metrics.json ] || timed "DreamRec alphafuse" \
     $PY train_diffusion.py $DATA --out $RUNS/dreamrec_alphafuse --epochs 3 --lr 1e-3 --threads $THREADS --resume
 [ -f $RUNS/popularity/metrics.json ] || \
     { mkdir -p $RUNS/popularity && $PY evaluate.py --popularity --data $DATA --out $RUNS/popularity/metrics.json; }

@@ -8,7 +8,10 @@ an interrupted run resumes, a failing run fails the script, bad input fails with
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -126,6 +129,38 @@ def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(repro):
     for name, data in before.items():
         if name != "sasrec_id_s1":
             assert (runs / name / "metrics.json").read_bytes() == data, f"{name} ran again"
+
+
+def test_ctrl_c_is_one_line_and_the_rerun_continues(repro):
+    """SIGINT to the whole process group (what Ctrl-C in a terminal does) while two runs train at
+    once: one stderr line, exit 130, no "failed:" line; the same command again continues the run
+    that had finished an epoch from its last.pt and finishes both."""
+    root, _ = repro
+    runs = root / "runs_int" / "toy"
+    env = dict(os.environ, PY=sys.executable, SHARED=str(root / "shared"), DATA_ROOT=str(root / "data"),
+               OUT=str(root / "runs_int"), DOCS=str(root / "docs_int"), DATASETS="toy", ABLATE="none",
+               SEEDS="0 1", SASREC="id", DREAMREC="", EPOCHS="1000", PATIENCE="1000", JOBS="2")
+    proc = subprocess.Popen(["bash", os.path.join(REPO, "reproduce.sh")], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + HANG_TIMEOUT  # a guard against a hang only
+        while not (runs / "sasrec_id_s0" / "last.pt").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=HANG_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert err.strip() == "interrupted; rerun the same command to continue" and "failed:" not in out
+    assert "interrupted; " in (runs / "sasrec_id_s0" / "train.log").read_text()
+    epoch = len(read_log(runs / "sasrec_id_s0"))
+    again = reproduce(root, OUT=str(root / "runs_int"), DOCS=str(root / "docs_int"), ABLATE="none", SASREC="id",
+                      DREAMREC="", EPOCHS=str(epoch + 1))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"at epoch {epoch}" in (runs / "sasrec_id_s0" / "train.log").read_text()
+    assert [r["epoch"] for r in read_log(runs / "sasrec_id_s0")] == list(range(1, epoch + 2))
+    assert (runs / "sasrec_id_s1" / "metrics.json").exists()
 
 
 def test_a_failing_run_fails_the_script(repro):
