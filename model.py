@@ -135,22 +135,23 @@ class Dropout(torch.nn.Module):
 
 
 class TransformerBlock(torch.nn.Module):
-    """Post-LN self-attention block of SASRec (Kang & McAuley 2018): the normalized input is the
-    query and the residual, keys and values are the raw sequence."""
+    """The self-attention block of SASRec (Kang & McAuley 2018) as the official AlphaFuse code has
+    it: q = LN(x) attends over the raw sequence x (keys and values) with dropout on the attention
+    weights, and the heads' output, without an output projection, is added to q; then
+    h = LN(q + attention) and the block's output is LN(h + dropout(W_2 ReLU(W_1 h)))."""
 
     def __init__(self, d, num_heads, dropout):
         super().__init__()
         self.num_heads, self.dropout = num_heads, dropout
-        self.ln_q, self.ln_ffn = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
-        self.q, self.kv, self.proj = torch.nn.Linear(d, d), torch.nn.Linear(d, 2 * d), torch.nn.Linear(d, d)
+        self.ln_q, self.ln_ffn, self.ln_out = torch.nn.LayerNorm(d), torch.nn.LayerNorm(d), torch.nn.LayerNorm(d)
+        self.q, self.kv = torch.nn.Linear(d, d), torch.nn.Linear(d, 2 * d)
         self.attn_drop = Dropout(dropout)  # attend_last's; the full path drops inside SDPA
-        self.ffn = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.GELU(), Dropout(dropout),
-                                       torch.nn.Linear(d, d), Dropout(dropout))
+        self.ffn = torch.nn.Sequential(torch.nn.Linear(d, d), torch.nn.ReLU(), torch.nn.Linear(d, d), Dropout(dropout))
 
     def forward(self, x, attn_mask, last_only=False):
         """x (B, L, d), attn_mask (B, 1, L, L) True = may attend -> (B, L, d), or (B, 1, d) for the
-        last position alone: the query, the output projection, the norms and the feed-forward of the
-        other positions feed nothing after the last block, so last_only skips them."""
+        last position alone: the queries, the norms and the feed-forward of the other positions
+        feed nothing after the last block, so last_only skips them."""
         B, L, d = x.shape
         h = self.num_heads
         if last_only:
@@ -163,8 +164,8 @@ class TransformerBlock(torch.nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                dropout_p=self.dropout if self.training else 0.0)
             y = y.transpose(1, 2).reshape(B, L, d)
-        x = self.ln_ffn(q_in + self.proj(y))
-        return x + self.ffn(x)
+        h = self.ln_ffn(q_in + y)
+        return self.ln_out(h + self.ffn(h))
 
     def attend_last(self, q, x, mask):
         """The attention of one query per sequence, q (B, h, d/h), over x (B, L, d) with mask (B, L)
@@ -187,8 +188,9 @@ class TransformerBlock(torch.nn.Module):
 
 
 class SASRecEncoder(torch.nn.Module):
-    """item_emb(seq) + learned positions -> causal Transformer -> the state of the last position
-    (B, d), or of every position (B, L, d) with all_positions=True (whole-sequence training)."""
+    """item_emb(seq) + learned positions -> dropout -> causal Transformer blocks, padding positions
+    zeroed after each -> a final LayerNorm: the state of the last position (B, d), or of every
+    position (B, L, d) with all_positions=True (whole-sequence training)."""
 
     def __init__(self, d, max_len, num_blocks=1, num_heads=1, dropout=0.1):
         super().__init__()

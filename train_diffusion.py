@@ -44,7 +44,10 @@ def beta_schedule(schedule, T, beta_start, beta_end):
     return (1 - f[1:] / f[:-1]).clamp(max=0.999)
 
 
-def timestep_embedding(t, d):
+STEP_FREQUENCIES = 256  # the sinusoid's size before the step MLP (the official TimestepEmbedder's)
+
+
+def timestep_embedding(t, d=STEP_FREQUENCIES):
     """Sinusoidal embedding of integer timesteps t (B,) -> (B, d), as the Transformer's positions."""
     half = d // 2
     freqs = torch.exp(-math.log(10000) * torch.arange(half, device=t.device) / max(half - 1, 1))
@@ -60,8 +63,9 @@ class DreamRec(torch.nn.Module):
         self.num_items, self.T, self.w, self.p_uncond, self.sample_steps = num_items, timesteps, w, p_uncond, sample_steps
         self.item_emb = make_item_embedding(item_emb, num_items, d, 0, d_s, id_init, False, False, init)
         self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
-        self.null_c = torch.nn.Parameter(torch.randn(d) * 0.02)  # the unconditional "condition"
-        self.step_mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
+        self.null_c = torch.nn.Parameter(torch.randn(d))  # the unconditional "condition", N(0, 1) as the official code
+        # t -> 256-d sinusoid -> Linear, GELU, Linear -> (B, d): the official DreamRec step embedding
+        self.step_mlp = torch.nn.Sequential(torch.nn.Linear(STEP_FREQUENCIES, d), torch.nn.GELU(), torch.nn.Linear(d, d))
         self.denoiser = torch.nn.Linear(3 * d, d)
         alphas_cumprod = torch.cumprod(1 - beta_schedule(schedule, timesteps, beta_start, beta_end), 0)
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
@@ -76,7 +80,7 @@ class DreamRec(torch.nn.Module):
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def predict_x0(self, x_t, c, t):  # f(x_t, c, t) -> (B, d)
-        t_emb = self.step_mlp(timestep_embedding(t, x_t.shape[1]))
+        t_emb = self.step_mlp(timestep_embedding(t))
         return self.denoiser(torch.cat([x_t, c, t_emb], dim=1))
 
     def guided_x0(self, x_t, c, t):
@@ -91,7 +95,7 @@ class DreamRec(torch.nn.Module):
         one (B, d) x (d, d) product instead of two of (B, 3d) x (3d, d), 6x less."""
         W_x, W_c, W_t = self.denoiser.weight.split(c.shape[1], dim=1)  # 3 x (d, d)
         fixed = F.linear((1 + self.w) * c - self.w * self.null_c, W_c, self.denoiser.bias)  # (B, d)
-        return lambda x_t, t: x_t @ W_x.T + (self.step_mlp(timestep_embedding(t, c.shape[1])) @ W_t.T + fixed)
+        return lambda x_t, t: x_t @ W_x.T + (self.step_mlp(timestep_embedding(t)) @ W_t.T + fixed)
 
     def loss(self, seq, target, generator):
         """seq (B, L) and target (B,) (windows), or target (B, L), the item after every position,

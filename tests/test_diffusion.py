@@ -85,6 +85,22 @@ def test_linear_betas_are_linspace_float64():
         assert torch.equal(betas, torch.linspace(lo, hi, T, dtype=torch.float64))
 
 
+def test_denoiser_is_the_official_one():
+    """f(x_t, c, t) = Linear(3d -> d) of [x_t, c, step(t)] with step(t) = Linear(d -> d) GELU
+    Linear(256 -> d) of the 256-d sinusoid [sin(t w_k), cos(t w_k)], w_k = 10000^(-k/127): the
+    official FinalLayer and TimestepEmbedder, written out with the model's weights."""
+    model = make_model(d=8)
+    x_t, c, t = torch.randn(4, 8), torch.randn(4, 8), torch.tensor([0, 1, 999, 1999])
+    w = torch.exp(torch.arange(128) * -(math.log(10000) / 127))  # (128,)
+    sinusoid = torch.cat([torch.sin(t[:, None] * w), torch.cos(t[:, None] * w)], dim=1)  # (4, 256)
+    lin1, lin2 = model.step_mlp[0], model.step_mlp[2]
+    step = lin2(torch.nn.functional.gelu(lin1(sinusoid)))
+    with torch.no_grad():
+        want = model.denoiser(torch.cat([x_t, c, step], dim=1))
+        torch.testing.assert_close(model.predict_x0(x_t, c, t), want, rtol=1e-5, atol=1e-5)
+    assert lin1.in_features == 256 and lin1.out_features == lin2.in_features == lin2.out_features == 8
+
+
 # -----------------------------------------------------------------------------
 # DDIM timesteps and update
 

@@ -309,6 +309,40 @@ def test_encoder_batch_of_one():
     torch.testing.assert_close(one, both[1:], rtol=0, atol=1e-5)
 
 
+def test_encoder_is_the_official_sasrec_block():
+    """One block, one head, eval mode: the encoder's states at every position equal the official
+    AlphaFuse code's SASRec_backbone.forward written out with the same weights: keys masked where
+    the input vector sums to 0, a causal mask of -2^32 + 1, rows of padding positions zeroed, no output
+    projection, the normalized queries as residual, a ReLU feed-forward with its own residual
+    LayerNorm, padding zeroed, and a last LayerNorm."""
+    torch.manual_seed(0)
+    d, L = 8, 6
+    enc = SASRecEncoder(d, L, num_blocks=1, num_heads=1, dropout=0.1).eval()
+    seq = torch.tensor([[0, 0, 0, 3, 1, 2], [5, 2, 7, 1, 1, 3], [0, 0, 0, 0, 0, 4]])
+    emb = torch.randn(3, L, d) * (seq > 0)[..., None]
+    b = enc.blocks[0]
+    W_k, W_v = b.kv.weight.split(d)
+    b_k, b_v = b.kv.bias.split(d)
+    with torch.no_grad():
+        mask = (seq > 0).float()[..., None]  # (B, L, 1)
+        x = (emb + enc.pos.weight) * mask
+        q_in = b.ln_q(x)
+        Q, K, V = b.q(q_in), x @ W_k.T + b_k, x @ W_v.T + b_v
+        scores = Q @ K.transpose(1, 2) / d ** 0.5  # (B, L, L)
+        pad = torch.full_like(scores, -2.0 ** 32 + 1)
+        scores = torch.where(x.sum(-1).abs().sign()[:, None, :] == 0, pad, scores)
+        scores = torch.where(torch.ones(L, L).tril() == 0, pad, scores)
+        # the official query mask is sign(|sum of q_in|); a LayerNorm output sums to 0 up to rounding,
+        # so that zeroes random real rows (a quirk, not the intent): the intent, padding rows, here
+        att = scores.softmax(-1) * mask
+        h = b.ln_ffn(att @ V + q_in)
+        W_1, W_2 = b.ffn[0], b.ffn[2]
+        want = enc.ln_f(b.ln_out(W_2(torch.relu(W_1(h))) + h) * mask)
+        got = enc(emb, seq, all_positions=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(enc(emb, seq), want[:, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_nan_target_score_ranks_last():
     """A NaN score for the target is never a hit (NaN compares false, which would give rank 0)."""
     scores = torch.tensor([[0.0, float("nan"), 1.0, 2.0]])
