@@ -7,7 +7,7 @@
 # DreamRec with AlphaFuse, evaluates the popularity recommender, and prints the test metrics.
 # A rerun skips every stage whose output exists and continues an interrupted training (Ctrl-C
 # prints one line and exits 130; delete data/ml100k or runs/ml100k to redo).
-# Short schedules keep it near 10 minutes on 2 CPU cores: figures for a quick look, not the paper's.
+# Short schedules keep it near 4 minutes on 2 CPU cores: figures for a quick look, not the paper's.
 set -euo pipefail
 cd "$(dirname "$0")"
 DATA=data/ml100k
