@@ -81,6 +81,17 @@ def loop_defaults(args, meta):
     keep_freed_memory()
 
 
+def keep_log_until(path, epoch):
+    """Drop the lines of log.jsonl after `epoch`, the epoch of the last.pt a run resumes from: a
+    run stopped (Ctrl-C, kill) between an epoch's log line and its checkpoint runs that epoch again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= epoch]
+    with common.atomic_open(path, "w") as f:
+        f.writelines(lines)
+
+
 def validate(model, split, ks=(10, 20), batch_size=1024, seed=0):
     model.eval()
     m = full_ranking(model.scorer(seed), split["seq"], split["target"], ks, batch_size)
@@ -136,6 +147,7 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
         epoch, best_val, bad_evals = ck["epoch"], ck["best_val"], ck["bad_evals"]
         for name, g in gens.items():
             g.set_state(ck["generators"][name].cpu())
+        keep_log_until(log_path, epoch)
         print(f"resumed {last_path} at epoch {epoch}")
     created, last_good = make_run_dir(args.out), last_path if resume else None  # every input is checked
     if not resume and os.path.exists(log_path):
@@ -178,12 +190,12 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
         ckpt = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
                 "config": config, "epoch": epoch, "best_val": best_val, "bad_evals": bad_evals, "backbone": backbone,
                 "generators": {name: g.get_state() for name, g in gens.items()}}
+        with open(log_path, "a") as f:  # first: a line whose epoch last.pt lacks is dropped by --resume
+            f.write(json.dumps(record) + "\n")
         if improved:
             save_checkpoint(best_path, **ckpt)
         save_checkpoint(last_path, **ckpt)
         last_good = last_path
-        with open(log_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
         val = record.get("valid")
         val_text = f" | valid NDCG@20 {val['NDCG@20']:.4f} HR@20 {val['HR@20']:.4f}" if val else ""
         print(f"epoch {epoch:3d} | loss {record['loss']:.4f}{val_text} | {seconds:.1f}s, {n / seconds:,.0f} {args.train_on}/s",

@@ -158,6 +158,18 @@ def test_resume_continues_exactly(data, tmp_path, dropout):
     assert read_json(os.path.join(resumed, "metrics.json")) == read_json(os.path.join(straight, "metrics.json"))
 
 
+def test_resume_drops_log_lines_that_last_pt_lacks(data, tmp_path):
+    """A run stopped after writing epoch 3's log line but before its last.pt (the log comes first):
+    --resume from epoch 2 drops that line and runs epoch 3 again, so the log is the uninterrupted one."""
+    run = train(data, tmp_path / "run", epochs=2)
+    with open(os.path.join(run, "log.jsonl"), "a") as f:
+        f.write('{"epoch": 3, "loss": 123.0}\n')
+    train(data, run, "--resume", epochs=3)
+    straight = train(data, tmp_path / "straight", epochs=3)
+    assert [r["epoch"] for r in read_log(run)] == [1, 2, 3]
+    assert [(r["loss"], r["valid"]) for r in read_log(run)] == [(r["loss"], r["valid"]) for r in read_log(straight)]
+
+
 # -----------------------------------------------------------------------------
 # bad input: one 'error:' line on stderr, no traceback, non-zero exit, no output
 

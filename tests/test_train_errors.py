@@ -193,7 +193,7 @@ def test_ctrl_c_is_one_line_keeps_the_last_epoch_and_the_rerun_continues(data, t
     epoch = torch.load(run / "last.pt", weights_only=True)["epoch"]
     assert proc.returncode == 130, err
     assert err.strip() == f"interrupted; {run / 'last.pt'} keeps epoch {epoch}: rerun with --resume to continue"
-    assert epoch >= 1 and len(read_log(run)) == epoch
+    assert epoch >= 1 and len(read_log(run)) in (epoch, epoch + 1)  # stopped between a log line and its last.pt
     again = train(script, data, run, "--resume", "--epochs", str(epoch + 1))
     assert again.returncode == 0, again.stderr
     assert f"resumed {run / 'last.pt'} at epoch {epoch}" in again.stdout
