@@ -15,8 +15,9 @@ DATA), as does a --data other than the folder CKPT was trained on. Without --out
 CKPT, named from the options, so that only the trainer's own protocol (--split test, full ranking,
 no mask, --ks 10,20, seed 0) rewrites the trainer's metrics.json, with the same numbers; any other
 evaluation writes metrics_<parts>.json, with the parts that differ from that protocol in this
-order: valid, masked, sampled<M>, k<K,K,...> (--ks as parsed), seed<S> (only where the seed
-changes the numbers: with --sampled, or DreamRec's x_T). E.g. --split valid --mask_history --ks
+order: valid, masked, sampled<M>, k<K,K,...> (--ks as parsed), cosine or dot (--eval_score other
+than the checkpoint's own), seed<S> (only where the seed changes the numbers: with --sampled, or
+DreamRec's x_T). E.g. --split valid --mask_history --ks
 5,10 -> metrics_valid_masked_k5,10.json; --sampled 100 --seed 1 -> metrics_sampled100_seed1.json.
 Prints the same as a table.
 rank = 1 + #{j != target : score_j >= score_target} (ties count against the model);
@@ -98,6 +99,12 @@ def load_trained(args):
         if meta[key] != ckpt["model_args"].get(key):
             raise DataError(f"{os.path.join(data_dir, 'meta.json')}: {key} {meta[key]}, "
                             f"but the checkpoint {args.ckpt} has {ckpt['model_args'].get(key)}")
+    if args.eval_score:  # rank a SASRec checkpoint by another score than it was trained with
+        if ckpt.get("backbone") == "dreamrec":
+            raise DataError(f"{args.ckpt}: --eval_score is for SASRec checkpoints (DreamRec scores by x0_hat . e)")
+        if args.eval_score == ckpt["model_args"].get("eval_score"):
+            args.eval_score = None  # its own score: the trainer's protocol
+        ckpt["model_args"] = dict(ckpt["model_args"], eval_score=args.eval_score or ckpt["model_args"]["eval_score"])
     return load_model(ckpt, args.device, args.ckpt).scorer(args.seed), data_dir, meta, ckpt
 
 
@@ -117,6 +124,8 @@ def default_out(args, ks, ckpt):
         parts.append(f"sampled{args.sampled}")
     if ks != [10, 20]:
         parts.append("k" + ",".join(map(str, ks)))
+    if args.eval_score:
+        parts.append(args.eval_score)
     # the seed changes the numbers only where something is drawn; SASRec's full ranking draws nothing
     if args.seed and (args.sampled or ckpt.get("backbone") == "dreamrec"):
         parts.append(f"seed{args.seed}")
@@ -147,7 +156,8 @@ def run(args, ks):
     except OSError as e:
         raise DataError(f"{out}: cannot write ({e.strerror})") from None
     protocol = f"sampled ({args.sampled} negatives)" if args.sampled else "full ranking"
-    print(f"{args.split}, {protocol}{', history masked' if args.mask_history else ''}:")
+    scored = f", scored by {args.eval_score}" if getattr(args, "eval_score", None) else ""
+    print(f"{args.split}, {protocol}{', history masked' if args.mask_history else ''}{scored}:")
     print(common.format_table(results))
     print(f"wrote {out}")
 
@@ -161,6 +171,8 @@ def main(argv=None):
     p.add_argument("--ks", default="10,20", help="cut-offs K >= 1 of HR@K, NDCG@K, MRR@K, comma-separated")
     p.add_argument("--mask_history", action="store_true", help="never recommend the history's items")
     p.add_argument("--sampled", type=int, default=0, help="rank against this many sampled items (LLM-ESR: 100; 0 = all)")
+    p.add_argument("--eval_score", choices=["cosine", "dot"], default=None, help="rank a SASRec checkpoint by this "
+                   "score instead of its own (the official code ranks by the raw dot product)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives and of diffusion sampling")
     p.add_argument("--batch_size", type=int, default=1024, help="samples scored at once")
     p.add_argument("--out", default=None, help="output JSON (required with --popularity; default: beside CKPT, "

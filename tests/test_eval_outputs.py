@@ -11,6 +11,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 import evaluate
 import train_discriminative
@@ -40,7 +41,8 @@ def read_bytes(path):
 
 CASES = {"plain": ([], "metrics.json"), "seed-unused": (["--seed", "3"], "metrics.json"),
          "masked": (["--mask_history"], "metrics_masked.json"), "valid": (["--split", "valid"], "metrics_valid.json"),
-         "ks": (["--ks", "5,10"], "metrics_k5,10.json"),
+         "ks": (["--ks", "5,10"], "metrics_k5,10.json"), "dot": (["--eval_score", "dot"], "metrics_dot.json"),
+         "own-score": (["--eval_score", "cosine"], "metrics.json"),
          "sampled": (["--sampled", "5", "--seed", "3"], "metrics_sampled5_seed3.json"),
          "all": (["--split", "valid", "--mask_history", "--ks", "20,10,20"], "metrics_valid_masked_k20,10.json")}
 
@@ -87,6 +89,23 @@ def test_evaluate_other_data_folder_needs_out(trained, tmp_path):
 def test_evaluate_seed_names_the_file_only_where_it_changes_the_numbers(backbone, seed, name):
     """--seed is part of the name only where something is drawn: DreamRec draws x_T from it (the
     trainer's metrics.json used seed 0), SASRec's full ranking draws nothing."""
-    args = argparse.Namespace(ckpt="RUN/ckpt.pt", data=None, split="test", mask_history=False, sampled=0, seed=seed)
+    args = argparse.Namespace(ckpt="RUN/ckpt.pt", data=None, split="test", mask_history=False, sampled=0, seed=seed,
+                              eval_score=None)
     ckpt = {"config": {"data": "DATA"}, "backbone": backbone}
     assert evaluate.default_out(args, [10, 20], ckpt) == os.path.join("RUN", name)
+
+
+def test_eval_score_ranks_by_the_raw_dot_product(trained, tmp_path):
+    """--eval_score dot on a cosine-trained SASRec checkpoint: the metrics of ranking by u . e, which
+    is the model rebuilt with eval_score dot; a DreamRec checkpoint is refused in one line."""
+    run = copy_run(trained[1], tmp_path)
+    proc = run_main("evaluate.py", os.path.join(run, "ckpt.pt"), "--eval_score", "dot", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert "scored by dot" in proc.stdout
+    ckpt = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)
+    model = evaluate.load_model(dict(ckpt, model_args=dict(ckpt["model_args"], eval_score="dot")), "cpu")
+    want = evaluate.evaluate(model.scorer(), trained[0], evaluate.common.load_meta(trained[0]), "test", [10, 20], "cpu")
+    assert read_json(os.path.join(run, "metrics_dot.json"))["test"] == want
+    ckpt["backbone"] = "dreamrec"
+    torch.save(ckpt, os.path.join(run, "dreamrec.pt"))
+    assert_clean_error(run_main("evaluate.py", os.path.join(run, "dreamrec.pt"), "--eval_score", "dot"), "--eval_score")
