@@ -10,7 +10,8 @@
 # same d_n = 64) and w/o Frozen (--train_lang). Last, report.py writes docs/results.md and the plots.
 # Runs in pieces: a run with RUN/metrics.json is skipped and an interrupted one resumes from
 # RUN/last.pt, so a killed or partial reproduction continues where it stopped. Use a new OUT for
-# a new schedule. Runs are queued dataset by dataset, seed by seed; JOBS of them at a time, each
+# a new schedule. With RESULTS set, each finished run's log.jsonl and metrics.json are copied to
+# RESULTS/NAME/RUN, the small files to commit. Runs are queued dataset by dataset, seed by seed; JOBS of them at a time, each
 # with nproc / JOBS threads. Every setting below is an environment variable (SASREC="" runs no SASRec).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -33,6 +34,7 @@ DIFF_EPOCHS=${DIFF_EPOCHS:-100}  # DreamRec
 DIFF_LR=${DIFF_LR:-1e-5}         # the official DreamRec learning rate
 JOBS=${JOBS:-1}
 OUT=${OUT:-runs/repro}
+RESULTS=${RESULTS:-}              # if set: each finished run's log.jsonl and metrics.json are copied to RESULTS/NAME/RUN (small, for git)
 $PY -c "import matplotlib" 2>/dev/null || { echo "error: $PY has no matplotlib for the plots: $PY -m pip install -r requirements-dev.txt" >&2; exit 1; }
 mkdir -p $DOCS
 THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}  # torch threads of each run
@@ -50,6 +52,7 @@ for name in $DATASETS; do
     [ -f $data/subspace_dreamrec.pt ] || $PY decompose.py $data --null_thres 0.25 --out $data/subspace_dreamrec.pt
     [ -f $OUT/$name/popularity/metrics.json ] || \
         { mkdir -p $OUT/$name/popularity && $PY evaluate.py --popularity --data $data --out $OUT/$name/popularity/metrics.json; }
+    [ -z "$RESULTS" ] || { mkdir -p $RESULTS/$name/popularity && cp $OUT/$name/popularity/metrics.json $RESULTS/$name/popularity/; }
     if [ "$name" = "$ABLATE" ]; then
         d_l=$($PY -c "import numpy, sys; print(numpy.load(sys.argv[1], mmap_mode='r').shape[1])" $data/lang_emb.npy)
         [ -f $data/subspace_nostand.pt ] || $PY decompose.py $data --no_standardize --out $data/subspace_nostand.pt
@@ -60,8 +63,14 @@ done
 queue() {  # RUN SCRIPT ARGS...: print the command line of one run, unless RUN is finished
     local run=$1  # --resume continues from RUN/last.pt, or starts the run when there is none
     shift
-    [ -f $run/metrics.json ] && return
-    echo "mkdir -p $run && $PY $* --out $run --threads $THREADS --resume >> $run/train.log 2>&1 || { s=\$?; [ \$s = 130 ] && exit 130; echo failed: $run/train.log; exit 1; }"
+    local keep=""  # copying the small files of a finished run, when RESULTS is set
+    [ -z "$RESULTS" ] || keep="mkdir -p $RESULTS/${run#$OUT/} && cp $run/log.jsonl $run/metrics.json $RESULTS/${run#$OUT/}/"
+    if [ -f $run/metrics.json ]; then  # finished before: nothing to run
+        [ -z "$keep" ] || eval "$keep"
+        return
+    fi
+    [ -z "$keep" ] || keep=" && $keep"
+    echo "mkdir -p $run && $PY $* --out $run --threads $THREADS --resume >> $run/train.log 2>&1$keep || { s=\$?; [ \$s = 130 ] && exit 130; echo failed: $run/train.log; exit 1; }"
 }
 
 status=0

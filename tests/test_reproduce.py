@@ -34,7 +34,7 @@ def reproduce(root, **settings):
     """bash reproduce.sh with everything under `root`; returns the CompletedProcess."""
     env = dict(os.environ, PY=sys.executable, SHARED=str(root / "shared"), DATA_ROOT=str(root / "data"),
                OUT=str(root / "runs"), DOCS=str(root / "docs"), DATASETS="toy", ABLATE="toy", SEEDS="0 1",
-               EPOCHS="2", DIFF_EPOCHS="1", DIFF_LR="1e-3", JOBS="2")
+               EPOCHS="2", DIFF_EPOCHS="1", DIFF_LR="1e-3", JOBS="2", RESULTS=str(root / "results"))
     env.update(settings)
     return run_command(["bash", os.path.join(REPO, "reproduce.sh")], env=env, timeout=HANG_TIMEOUT)
 
@@ -76,6 +76,22 @@ def test_every_run_finishes_with_its_schedule(repro):
             assert [r["epoch"] for r in read_log(runs / name)] == list(range(1, epochs + 1)), name
     for name in ("subspace.pt", "subspace_dreamrec.pt", "subspace_nostand.pt", "subspace_noclip.pt"):
         assert os.path.isfile(root / "data" / "toy" / name), name
+
+
+def test_results_keeps_the_small_files_of_every_finished_run(repro):
+    """RESULTS gets each finished run's log.jsonl and metrics.json, byte for byte, and nothing else,
+    and report.py builds the same tables from it as from the runs."""
+    root, proc = repro
+    runs, results = root / "runs" / "toy", root / "results" / "toy"
+    assert sorted(os.listdir(results)) == sorted(os.listdir(runs))
+    for name in os.listdir(runs):
+        files = ["metrics.json"] if name == "popularity" else ["log.jsonl", "metrics.json"]
+        assert sorted(os.listdir(results / name)) == files, name
+        for f in files:
+            assert (results / name / f).read_bytes() == (runs / name / f).read_bytes(), (name, f)
+    again = run_script("report.py", root / "results")
+    assert again.returncode == 0, again.stderr
+    assert (root / "docs" / "results.md").read_text() in again.stdout
 
 
 def test_ablations_get_their_subspaces(repro):
