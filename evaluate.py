@@ -103,8 +103,9 @@ def load_trained(args):
         if ckpt.get("backbone") == "dreamrec":
             raise DataError(f"{args.ckpt}: --eval_score is for SASRec checkpoints (DreamRec scores by x0_hat . e)")
         if args.eval_score == ckpt["model_args"].get("eval_score"):
-            args.eval_score = None  # its own score: the trainer's protocol
-        ckpt["model_args"] = dict(ckpt["model_args"], eval_score=args.eval_score or ckpt["model_args"]["eval_score"])
+            args.eval_score = None  # its own score: the trainer's protocol, and its file name
+        else:
+            ckpt["model_args"] = dict(ckpt["model_args"], eval_score=args.eval_score)
     return load_model(ckpt, args.device, args.ckpt).scorer(args.seed), data_dir, meta, ckpt
 
 
@@ -156,7 +157,7 @@ def run(args, ks):
     except OSError as e:
         raise DataError(f"{out}: cannot write ({e.strerror})") from None
     protocol = f"sampled ({args.sampled} negatives)" if args.sampled else "full ranking"
-    scored = f", scored by {args.eval_score}" if getattr(args, "eval_score", None) else ""
+    scored = f", scored by {args.eval_score}" if args.eval_score else ""
     print(f"{args.split}, {protocol}{', history masked' if args.mask_history else ''}{scored}:")
     print(common.format_table(results))
     print(f"wrote {out}")

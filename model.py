@@ -138,7 +138,7 @@ class TransformerBlock(torch.nn.Module):
     """The self-attention block of SASRec (Kang & McAuley 2018) as the official AlphaFuse code has
     it: q = LN(x) attends over the raw sequence x (keys and values) with dropout on the attention
     weights, and the heads' output, without an output projection, is added to q; then
-    h = LN(q + attention) and the block's output is LN(h + dropout(W_2 ReLU(W_1 h)))."""
+    z = LN(q + attention) and the block's output is LN(z + dropout(W_2 ReLU(W_1 z)))."""
 
     def __init__(self, d, num_heads, dropout):
         super().__init__()
@@ -164,8 +164,8 @@ class TransformerBlock(torch.nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                                dropout_p=self.dropout if self.training else 0.0)
             y = y.transpose(1, 2).reshape(B, L, d)
-        h = self.ln_ffn(q_in + y)
-        return self.ln_out(h + self.ffn(h))
+        z = self.ln_ffn(q_in + y)  # (B, Lq, d)
+        return self.ln_out(z + self.ffn(z))
 
     def attend_last(self, q, x, mask):
         """The attention of one query per sequence, q (B, h, d/h), over x (B, L, d) with mask (B, L)

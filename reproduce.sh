@@ -40,6 +40,13 @@ mkdir -p $DOCS
 THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}  # torch threads of each run
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
 
+keep() {  # RUN: with RESULTS set, copy the small files of the finished RUN to RESULTS/NAME/RUN (for git)
+    [ -n "$RESULTS" ] || return 0
+    mkdir -p $RESULTS/${1#$OUT/} && cp $(ls $1/log.jsonl $1/metrics.json 2>/dev/null) $RESULTS/${1#$OUT/}/
+}
+export -f keep  # the queued runs call it from xargs' bash -c
+export RESULTS OUT
+
 for name in $DATASETS; do
     data=$DATA_ROOT/$name
     case $name in
@@ -52,7 +59,7 @@ for name in $DATASETS; do
     [ -f $data/subspace_dreamrec.pt ] || $PY decompose.py $data --null_thres 0.25 --out $data/subspace_dreamrec.pt
     [ -f $OUT/$name/popularity/metrics.json ] || \
         { mkdir -p $OUT/$name/popularity && $PY evaluate.py --popularity --data $data --out $OUT/$name/popularity/metrics.json; }
-    [ -z "$RESULTS" ] || { mkdir -p $RESULTS/$name/popularity && cp $OUT/$name/popularity/metrics.json $RESULTS/$name/popularity/; }
+    keep $OUT/$name/popularity
     if [ "$name" = "$ABLATE" ]; then
         d_l=$($PY -c "import numpy, sys; print(numpy.load(sys.argv[1], mmap_mode='r').shape[1])" $data/lang_emb.npy)
         [ -f $data/subspace_nostand.pt ] || $PY decompose.py $data --no_standardize --out $data/subspace_nostand.pt
@@ -63,14 +70,11 @@ done
 queue() {  # RUN SCRIPT ARGS...: print the command line of one run, unless RUN is finished
     local run=$1  # --resume continues from RUN/last.pt, or starts the run when there is none
     shift
-    local keep=""  # copying the small files of a finished run, when RESULTS is set
-    [ -z "$RESULTS" ] || keep="mkdir -p $RESULTS/${run#$OUT/} && cp $run/log.jsonl $run/metrics.json $RESULTS/${run#$OUT/}/"
     if [ -f $run/metrics.json ]; then  # finished before: nothing to run
-        [ -z "$keep" ] || eval "$keep"
+        keep $run
         return
     fi
-    [ -z "$keep" ] || keep=" && $keep"
-    echo "mkdir -p $run && $PY $* --out $run --threads $THREADS --resume >> $run/train.log 2>&1$keep || { s=\$?; [ \$s = 130 ] && exit 130; echo failed: $run/train.log; exit 1; }"
+    echo "mkdir -p $run && $PY $* --out $run --threads $THREADS --resume >> $run/train.log 2>&1 && keep $run || { s=\$?; [ \$s = 130 ] && exit 130; echo failed: $run/train.log; exit 1; }"
 }
 
 status=0
