@@ -5,6 +5,8 @@ decompose.py's subspace file. (common.py holds what needs no torch.)
 """
 
 import random
+import signal
+import threading
 
 import numpy as np
 import torch
@@ -262,8 +264,20 @@ class SampledScores(torch.autograd.Function):
 # checkpoints: plain types and tensors only, loadable with weights_only=True
 
 def save_checkpoint(path, **fields):
-    with atomic_open(path) as f:
-        torch.save(fields, f)
+    """torch.save under a temporary name, renamed once complete. A Ctrl-C meanwhile is held and
+    raised after: inside torch.save it would surface as the zip writer's RuntimeError, a traceback
+    instead of one line. (Python handles signals in the main thread only, where the trainers run.)"""
+    held = []
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, lambda *_: held.append(True)) if main else None
+    try:
+        with atomic_open(path) as f:
+            torch.save(fields, f)
+    finally:
+        if main:
+            signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
 
 
 def load_checkpoint(path, device="cpu", what="checkpoint", missing=""):

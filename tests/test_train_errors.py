@@ -28,6 +28,7 @@ import torch
 
 import common
 import decompose
+from model import save_checkpoint
 from conftest import REPO, assert_clean_error, prepare_toy, read_log, run_main, run_script
 
 SMALL = {"train_discriminative.py": ["--hidden_dim", "16", "--neg_ratio", "8", "--batch_size", "64", "--device", "cpu", "--epochs", "1"],
@@ -169,6 +170,23 @@ def test_resume_without_a_run_starts_one_and_a_fresh_start_never_replaces_one(da
     before = {name: sha256(run / name) for name in os.listdir(run)}
     assert_clean_error(train(script, data, run, "--epochs", "2"), "last.pt")
     assert {name: sha256(run / name) for name in os.listdir(run)} == before
+
+
+class SendsCtrlC:
+    """Pickled by torch.save: sends this process SIGINT halfway through writing the file."""
+
+    def __reduce__(self):
+        os.kill(os.getpid(), signal.SIGINT)
+        return int, (0,)
+
+
+def test_ctrl_c_inside_a_checkpoint_save_waits_for_the_whole_file(tmp_path):
+    """A Ctrl-C while torch.save writes is raised as KeyboardInterrupt once the file is complete (it
+    used to break the zip writer: a RuntimeError traceback, and no checkpoint)."""
+    path = tmp_path / "last.pt"
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, before=torch.zeros(1000), signal=SendsCtrlC(), after=torch.ones(1000))
+    assert torch.load(path, weights_only=False)["after"].sum() == 1000
 
 
 @pytest.mark.parametrize("script", BOTH)
