@@ -6,10 +6,14 @@ Collect the runs of reproduce.sh into the README's results tables and validation
 Reads  RUNS/<dataset>/<method>_s<seed>/metrics.json and log.jsonl (train_discriminative.py,
        train_diffusion.py) and RUNS/<dataset>/popularity/metrics.json (evaluate.py --popularity).
 Writes --out: per dataset one Markdown table of the test split (full ranking): mean and sample
-       standard deviation over the seeds of HR@10/20 and NDCG@10/20, NDCG@20 on head and tail
-       items (the 20% most popular in training, the rest), the best epoch (validation NDCG@20)
-       and the epochs and training minutes per run; then, where there are ablation runs, their
-       table beside AlphaFuse's. A run without metrics.json yet (unfinished) is left out.
+       standard deviation over the seeds of HR@10/20 and NDCG@10/20; NDCG@20 history-masked
+       (RUN/metrics_masked.json) and ranked by the raw dot product (RUN/metrics_dot.json, SASRec),
+       where every seed has that file; NDCG@20 on head and tail items (the 20% most popular in
+       training, the rest) and users (the 20% with the longest histories, the rest); the best
+       epoch (validation NDCG@20) and the epochs and training minutes per run. A method with a
+       seed whose best epoch is its last epoch has not converged: its row goes to a second table,
+       never the first. Then, where there are ablation runs, their tables beside AlphaFuse's. A
+       run without metrics.json yet (unfinished) is left out.
        --plots: curves_<dataset>.png, validation NDCG@20 over epochs per method, the mean over
        the seeds with a band of one standard deviation (needs matplotlib).
 Prints the tables.
@@ -32,9 +36,12 @@ LABELS = {"popularity": "Popularity", "sasrec_id": "SASRec (ID)", "sasrec_llmini
           "ablation_nostand": "w/o Stand", "ablation_noclip": "w/o Clip (d = d_l)", "ablation_nofrozen": "w/o Frozen"}
 MAIN = [m for m in LABELS if not m.startswith("ablation")]
 ABLATIONS = ["sasrec_alphafuse", "ablation_nostand", "ablation_noclip", "ablation_nofrozen"]
-METRICS = [("all", "HR@10"), ("all", "HR@20"), ("all", "NDCG@10"), ("all", "NDCG@20"),
-           ("head_item", "NDCG@20"), ("tail_item", "NDCG@20")]
-HEADER = ["HR@10", "HR@20", "NDCG@10", "NDCG@20", "NDCG@20 head", "NDCG@20 tail"]
+METRICS = [("all", "HR@10"), ("all", "HR@20"), ("all", "NDCG@10"), ("all", "NDCG@20"), ("masked", "NDCG@20"),
+           ("dot", "NDCG@20"), ("head_item", "NDCG@20"), ("tail_item", "NDCG@20"), ("head_user", "NDCG@20"),
+           ("tail_user", "NDCG@20")]
+HEADER = ["HR@10", "HR@20", "NDCG@10", "NDCG@20", "NDCG@20 masked", "NDCG@20 dot", "head items", "tail items",
+          "head users", "tail users"]
+OTHER_PROTOCOLS = {"masked": "metrics_masked.json", "dot": "metrics_dot.json"}  # group: file beside metrics.json
 
 
 def read_log(path):
@@ -48,8 +55,18 @@ def read_log(path):
             raise DataError(f"{path}: not one JSON record per line ({e})")
 
 
+def read_test(path):
+    """metrics.json (evaluate.py) -> its test split {group: {metric: value}}."""
+    with open(path) as f:
+        try:
+            return json.load(f)["test"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: not a metrics.json of the test split ({e})")
+
+
 def collect(dataset_dir):
-    """{method: [run, ...]} with run = {metrics (test, by group), log}; finished runs only."""
+    """{method: [run, ...]} with run = {metrics (test, by group; masked and dot where evaluated), log};
+    finished runs only."""
     methods = {}
     for name in sorted(os.listdir(dataset_dir)):
         run_dir = os.path.join(dataset_dir, name)
@@ -57,14 +74,24 @@ def collect(dataset_dir):
         m = re.fullmatch(r"(.+)_s\d+", name)  # METHOD_sSEED
         if not os.path.isfile(path) or not (m or name == "popularity"):
             continue
-        with open(path) as f:
-            try:
-                metrics = json.load(f)["test"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise DataError(f"{path}: not a metrics.json of the test split ({e})")
+        metrics = read_test(path)
+        for group, file in OTHER_PROTOCOLS.items():
+            if os.path.isfile(os.path.join(run_dir, file)):
+                metrics[group] = read_test(os.path.join(run_dir, file))["all"]
         methods.setdefault(m.group(1) if m else name, []).append(
             {"metrics": metrics, "log": read_log(os.path.join(run_dir, "log.jsonl"))})
     return methods
+
+
+def best_epoch(log):
+    """The epoch of the best validation NDCG@20 (the first, as the trainers keep it)."""
+    scores = [rec.get("valid", {}).get("NDCG@20", -1) for rec in log]
+    return log[int(np.argmax(scores))]["epoch"]
+
+
+def converged(runs):
+    """Every seed stopped after its best epoch (a best epoch equal to the last may still improve)."""
+    return all(best_epoch(r["log"]) < r["log"][-1]["epoch"] for r in runs if r["log"])
 
 
 def mean_std(values):
@@ -77,21 +104,33 @@ def mean_std(values):
 
 
 def table(methods, order):
-    """One Markdown table, a row per method of `order` that has runs."""
+    """One Markdown table, a row per method of `order` that has runs; a cell is '-' unless every
+    seed has its group (a protocol not evaluated, or a method without logs)."""
     lines = ["| method | seeds | " + " | ".join(HEADER) + " | best epoch | epochs | train min/run |",
              "|---" * (len(HEADER) + 5) + "|"]
     for method in [m for m in order if m in methods]:
         runs = methods[method]
-        cells = [mean_std([r["metrics"][g][k] for r in runs]) for g, k in METRICS]
+        cells = [mean_std([r["metrics"][g][k] for r in runs]) if all(g in r["metrics"] for r in runs) else "-"
+                 for g, k in METRICS]
         logs = [r["log"] for r in runs if r["log"]]
         if logs:
-            best = [1 + int(np.argmax([rec.get("valid", {}).get("NDCG@20", -1) for rec in log])) for log in logs]
-            cells += [", ".join(map(str, best)), ", ".join(str(len(log)) for log in logs),
+            cells += [", ".join(str(best_epoch(log)) for log in logs), ", ".join(str(log[-1]["epoch"]) for log in logs),
                       f"{np.mean([sum(rec['seconds'] for rec in log) for log in logs]) / 60:.1f}"]
         else:
             cells += ["-", "-", "-"]
         lines.append(f"| {LABELS.get(method, method)} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def tables(title, methods, order):
+    """The table of the converged methods of `order`, then the one of those that have not converged."""
+    order = [m for m in order if m in methods]
+    done = [m for m in order if converged(methods[m])]
+    parts = [f"### {title}\n\n{table(methods, done)}\n"] if done else []
+    if len(done) < len(order):
+        parts.append(f"### {title}, not converged (a seed's best epoch is its last epoch)\n\n"
+                     f"{table(methods, [m for m in order if m not in done])}\n")
+    return parts
 
 
 def plot_curves(path, methods, title):
@@ -128,9 +167,9 @@ def run(args):
         methods = collect(dataset_dir) if os.path.isdir(dataset_dir) else {}
         if not methods:
             continue
-        parts.append(f"### {dataset}\n\n{table(methods, MAIN + sorted(set(methods) - set(LABELS)))}\n")
+        parts += tables(dataset, methods, MAIN + sorted(set(methods) - set(LABELS)))
         if any(m.startswith("ablation") for m in methods):
-            parts.append(f"### {dataset}, ablations of AlphaFuse (SASRec)\n\n{table(methods, ABLATIONS)}\n")
+            parts += tables(f"{dataset}, ablations of AlphaFuse (SASRec)", methods, ABLATIONS)
         if args.plots and any(r["log"] for runs in methods.values() for r in runs):  # not popularity alone
             plot_curves(os.path.join(args.plots, f"curves_{dataset}.png"), methods, f"{dataset}: validation NDCG@20")
     if not parts:

@@ -7,10 +7,12 @@
 # d = d_l, tau = 0.25 for DreamRec), then SEEDS x (SASRec with every --item_emb, DreamRec with
 # alphafuse and id) and the popularity recommender. On ABLATE (default amazon-toys) also the paper's
 # ablations of AlphaFuse-SASRec: w/o Stand (decompose --no_standardize), w/o Clip (d = d_l, the
-# same d_n = 64) and w/o Frozen (--train_lang). Last, report.py writes docs/results.md and the plots.
-# Runs in pieces: a run with RUN/metrics.json is skipped and an interrupted one resumes from
+# same d_n = 64) and w/o Frozen (--train_lang). Each finished run is also evaluated history-masked
+# (RUN/metrics_masked.json) and, for SASRec, ranked by the raw dot product as the official code ranks
+# (RUN/metrics_dot.json). Last, report.py writes docs/results.md and the plots.
+# Runs in pieces: a run with RUN/metrics.json is not trained again and an interrupted one resumes from
 # RUN/last.pt, so a killed or partial reproduction continues where it stopped. Use a new OUT for
-# a new schedule. With RESULTS set, each finished run's log.jsonl and metrics.json are copied to
+# a new schedule. With RESULTS set, each finished run's log.jsonl and metrics*.json are copied to
 # RESULTS/NAME/RUN, the small files to commit. Runs are queued dataset by dataset, seed by seed; JOBS of them at a time, each
 # with nproc / JOBS threads. Every setting below is an environment variable (SASREC="" runs no SASRec).
 set -euo pipefail
@@ -40,12 +42,21 @@ mkdir -p $DOCS
 THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}  # torch threads of each run
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$THREADS}
 
+evals() {  # RUN: the finished RUN's test split under the other protocols of the tables, beside its
+    # metrics.json: history-masked, and for SASRec also ranked by the raw dot product (the official
+    # score); each unless its file is newer than RUN/ckpt.pt
+    [ $1/metrics_masked.json -nt $1/ckpt.pt ] || $PY evaluate.py $1/ckpt.pt --mask_history --threads $THREADS > /dev/null || return
+    case ${1##*/} in
+        dreamrec_*) ;;
+        *) [ $1/metrics_dot.json -nt $1/ckpt.pt ] || $PY evaluate.py $1/ckpt.pt --eval_score dot --threads $THREADS > /dev/null ;;
+    esac
+}
 keep() {  # RUN: with RESULTS set, copy the small files of the finished RUN to RESULTS/NAME/RUN (for git)
     [ -n "$RESULTS" ] || return 0
-    mkdir -p $RESULTS/${1#$OUT/} && cp $(ls $1/log.jsonl $1/metrics.json 2>/dev/null) $RESULTS/${1#$OUT/}/
+    mkdir -p $RESULTS/${1#$OUT/} && cp $(ls $1/log.jsonl $1/metrics*.json 2>/dev/null) $RESULTS/${1#$OUT/}/
 }
-export -f keep  # the queued runs call it from xargs' bash -c
-export RESULTS OUT
+export -f evals keep  # the queued runs call them from xargs' bash -c
+export RESULTS OUT PY THREADS
 
 for name in $DATASETS; do
     data=$DATA_ROOT/$name
@@ -57,8 +68,10 @@ for name in $DATASETS; do
     [ -f $data/lang_emb.npy ] || PY=$PY bash embed_local.sh $data
     [ -f $data/subspace.pt ] || $PY decompose.py $data --plot $DOCS/spectrum_$name.png
     [ -f $data/subspace_dreamrec.pt ] || $PY decompose.py $data --null_thres 0.25 --out $data/subspace_dreamrec.pt
-    [ -f $OUT/$name/popularity/metrics.json ] || \
-        { mkdir -p $OUT/$name/popularity && $PY evaluate.py --popularity --data $data --out $OUT/$name/popularity/metrics.json; }
+    for mask in "" _masked; do
+        [ -f $OUT/$name/popularity/metrics$mask.json ] || { mkdir -p $OUT/$name/popularity && $PY evaluate.py \
+            --popularity --data $data ${mask:+--mask_history} --out $OUT/$name/popularity/metrics$mask.json; }
+    done
     keep $OUT/$name/popularity
     if [ "$name" = "$ABLATE" ]; then
         d_l=$($PY -c "import numpy, sys; print(numpy.load(sys.argv[1], mmap_mode='r').shape[1])" $data/lang_emb.npy)
@@ -70,11 +83,12 @@ done
 queue() {  # RUN SCRIPT ARGS...: print the command line of one run, unless RUN is finished
     local run=$1  # --resume continues from RUN/last.pt, or starts the run when there is none
     shift
-    if [ -f $run/metrics.json ]; then  # finished before: nothing to run
-        keep $run
+    local fail="{ s=\$?; [ \$s = 130 ] && exit 130; echo failed: $run/train.log; exit 1; }"
+    if [ -f $run/metrics.json ]; then  # trained before: only the evaluations it may lack
+        echo "evals $run >> $run/train.log 2>&1 && keep $run || $fail"
         return
     fi
-    echo "mkdir -p $run && $PY $* --out $run --threads $THREADS --resume >> $run/train.log 2>&1 && keep $run || { s=\$?; [ \$s = 130 ] && exit 130; echo failed: $run/train.log; exit 1; }"
+    echo "mkdir -p $run && $PY $* --out $run --threads $THREADS --resume >> $run/train.log 2>&1 && evals $run >> $run/train.log 2>&1 && keep $run || $fail"
 }
 
 status=0

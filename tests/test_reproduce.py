@@ -40,15 +40,15 @@ def reproduce(root, **settings):
 
 
 def rows(text):
-    """Markdown table rows of report.py's output -> {label: [cells]} per table, in order."""
-    tables, current = [], None
+    """Markdown tables of report.py's output -> {title: {label: [cells]}}, the title being the
+    heading above the table."""
+    tables, title = {}, None
     for line in text.splitlines():
-        if line.startswith("| method"):
-            current = {}
-            tables.append(current)
-        elif line.startswith("| ") and current is not None:
+        if line.startswith("### "):
+            title = line[4:]
+        elif line.startswith("| ") and not line.startswith("| method"):
             cells = [c.strip() for c in line.strip("|").split("|")]
-            current[cells[0]] = cells[1:]
+            tables.setdefault(title, {})[cells[0]] = cells[1:]
     return tables
 
 
@@ -85,8 +85,9 @@ def test_results_keeps_the_small_files_of_every_finished_run(repro):
     runs, results = root / "runs" / "toy", root / "results" / "toy"
     assert sorted(os.listdir(results)) == sorted(os.listdir(runs))
     for name in os.listdir(runs):
-        files = ["metrics.json"] if name == "popularity" else ["log.jsonl", "metrics.json"]
-        assert sorted(os.listdir(results / name)) == files, name
+        files = ["log.jsonl", "metrics.json", "metrics_masked.json"]  # and ranked by the dot product, SASRec
+        files = files[1:] if name == "popularity" else files if name.startswith("dreamrec") else files + ["metrics_dot.json"]
+        assert sorted(os.listdir(results / name)) == sorted(files), name
         for f in files:
             assert (results / name / f).read_bytes() == (runs / name / f).read_bytes(), (name, f)
     again = run_script("report.py", root / "results")
@@ -112,29 +113,47 @@ def test_ablations_get_their_subspaces(repro):
 
 
 def test_table_cells_are_mean_and_std_over_seeds(repro):
+    """Each row: mean ± sample std over the seeds of each protocol's file, best and last epochs from
+    the logs; a method whose best epoch is the last for some seed is in the 'not converged' table."""
     root, proc = repro
+    runs = root / "runs" / "toy"
     text = (root / "docs" / "results.md").read_text()
     assert text in proc.stdout
-    main, ablations = rows(text)
-    assert list(main) == MAIN_ROWS
-    assert list(ablations) == ["AlphaFuse (SASRec)", "w/o Stand", "w/o Clip (d = d_l)", "w/o Frozen"]
+    tables = rows(text)
+    late = "not converged (a seed's best epoch is its last epoch)"
+    assert set(tables) <= {"toy", f"toy, {late}", "toy, ablations of AlphaFuse (SASRec)",
+                           f"toy, ablations of AlphaFuse (SASRec), {late}"}
+    main = {**tables.get("toy", {}), **tables.get(f"toy, {late}", {})}
+    ablations = {**tables.get("toy, ablations of AlphaFuse (SASRec)", {}),
+                 **tables.get(f"toy, ablations of AlphaFuse (SASRec), {late}", {})}
+    assert sorted(main) == sorted(MAIN_ROWS)
+    assert sorted(ablations) == sorted(["AlphaFuse (SASRec)", "w/o Stand", "w/o Clip (d = d_l)", "w/o Frozen"])
     for label, run in [("AlphaFuse (SASRec)", "sasrec_alphafuse"), ("DreamRec (ID)", "dreamrec_id")]:
-        m = [read_json(root / "runs" / "toy" / f"{run}_s{s}" / "metrics.json")["test"]["all"] for s in (0, 1)]
-        v = np.array([x["NDCG@20"] for x in m])
+        def column(file, group="all"):
+            v = np.array([read_json(runs / f"{run}_s{s}" / file)["test"][group]["NDCG@20"] for s in (0, 1)])
+            return f"{v.mean():.4f} ± {v.std(ddof=1):.4f}"
         assert main[label][0] == "2"
-        assert main[label][4] == f"{v.mean():.4f} ± {v.std(ddof=1):.4f}"
-        logs = [read_log(root / "runs" / "toy" / f"{run}_s{s}") for s in (0, 1)]
+        assert main[label][4] == column("metrics.json")
+        assert main[label][5] == column("metrics_masked.json")
+        assert main[label][6] == (column("metrics_dot.json") if run.startswith("sasrec") else "-")
+        assert main[label][10] == column("metrics.json", "tail_user")
+        logs = [read_log(runs / f"{run}_s{s}") for s in (0, 1)]
         best = [1 + int(np.argmax([r["valid"]["NDCG@20"] for r in log])) for log in logs]
-        assert main[label][7] == ", ".join(map(str, best))
-    pop = read_json(root / "runs" / "toy" / "popularity" / "metrics.json")["test"]["all"]
-    assert main["Popularity"][:2] == ["1", f"{pop['HR@10']:.4f}"] and main["Popularity"][7:] == ["-", "-", "-"]
+        assert main[label][11:13] == [", ".join(map(str, best)), ", ".join(str(len(log)) for log in logs)]
+        assert (label in tables.get("toy", {})) == all(b < len(log) for b, log in zip(best, logs))
+    pop = read_json(runs / "popularity" / "metrics.json")["test"]["all"]
+    pop_masked = read_json(runs / "popularity" / "metrics_masked.json")["test"]["all"]
+    assert tables["toy"]["Popularity"][:2] == ["1", f"{pop['HR@10']:.4f}"]
+    assert tables["toy"]["Popularity"][5:7] == [f"{pop_masked['NDCG@20']:.4f}", "-"]
+    assert tables["toy"]["Popularity"][11:] == ["-", "-", "-"]
     for name in ("spectrum_toy.png", "curves_toy.png"):
         assert (root / "docs" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 
 
 def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(repro):
     """With one run's metrics.json gone and EPOCHS=3, only that run trains again: it resumes from
-    last.pt at epoch 2 and adds epoch 3; every other run is left as it was."""
+    last.pt at epoch 2 and adds epoch 3, and is evaluated again under the other protocols; every
+    other run is left as it was."""
     root, _ = repro
     runs = root / "runs" / "toy"
     before = {n: (runs / n / "metrics.json").read_bytes() for n in os.listdir(runs)}
@@ -143,6 +162,8 @@ def test_rerun_skips_finished_runs_and_resumes_an_interrupted_one(repro):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed" in (runs / "sasrec_id_s1" / "train.log").read_text()
     assert [r["epoch"] for r in read_log(runs / "sasrec_id_s1")] == [1, 2, 3]
+    for file in ("metrics_masked.json", "metrics_dot.json"):  # of the new ckpt.pt, not the old one
+        assert os.path.getmtime(runs / "sasrec_id_s1" / file) >= os.path.getmtime(runs / "sasrec_id_s1" / "ckpt.pt")
     for name, data in before.items():
         if name != "sasrec_id_s1":
             assert (runs / name / "metrics.json").read_bytes() == data, f"{name} ran again"
