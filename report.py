@@ -12,7 +12,8 @@ Writes --out: per dataset one Markdown table of the test split (full ranking): m
        training, the rest) and users (the 20% with the longest histories, the rest); the best
        epoch (validation NDCG@20) and the epochs and training minutes per run. A method with a
        seed whose best epoch is its last epoch has not converged: its row goes to a second table,
-       never the first. Then, where there are ablation runs, their tables beside AlphaFuse's. A
+       never the first. Then, where there are ablation runs, their tables beside AlphaFuse's, and
+       likewise the runs of AlphaFuse with one setting of the official code (official_*). A
        run without metrics.json yet (unfinished) is left out.
        --plots: curves_<dataset>.png, validation NDCG@20 over epochs per method, the mean over
        the seeds with a band of one standard deviation (needs matplotlib).
@@ -33,9 +34,11 @@ from common import DataError
 LABELS = {"popularity": "Popularity", "sasrec_id": "SASRec (ID)", "sasrec_llminit": "LLMInit",
           "sasrec_morec": "MoRec", "sasrec_whitenrec": "WhitenRec", "sasrec_alphafuse": "AlphaFuse (SASRec)",
           "dreamrec_id": "DreamRec (ID)", "dreamrec_alphafuse": "AlphaFuse (DreamRec)",
-          "ablation_nostand": "w/o Stand", "ablation_noclip": "w/o Clip (d = d_l)", "ablation_nofrozen": "w/o Frozen"}
-MAIN = [m for m in LABELS if not m.startswith("ablation")]
+          "ablation_nostand": "w/o Stand", "ablation_noclip": "w/o Clip (d = d_l)", "ablation_nofrozen": "w/o Frozen",
+          "official_fileorder": "official batch order", "official_redraw": "official negatives"}
+MAIN = [m for m in LABELS if not m.startswith(("ablation", "official"))]
 ABLATIONS = ["sasrec_alphafuse", "ablation_nostand", "ablation_noclip", "ablation_nofrozen"]
+OFFICIAL = ["sasrec_alphafuse", "official_fileorder", "official_redraw"]  # one official-code setting each
 METRICS = [("all", "HR@10"), ("all", "HR@20"), ("all", "NDCG@10"), ("all", "NDCG@20"), ("masked", "NDCG@20"),
            ("dot", "NDCG@20"), ("head_item", "NDCG@20"), ("tail_item", "NDCG@20"), ("head_user", "NDCG@20"),
            ("tail_user", "NDCG@20")]
@@ -147,7 +150,7 @@ def plot_curves(path, methods, title):
         values = [[c[e] for c in curves if e in c] for e in epochs]
         mean, std = np.array([np.mean(v) for v in values]), np.array([np.std(v) for v in values])
         line, = ax.plot(epochs, mean, marker="o", ms=3, lw=1.5, label=LABELS.get(method, method),
-                        ls="--" if method.startswith("ablation") else "-")
+                        ls="--" if method.startswith(("ablation", "official")) else "-")
         ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
     ax.set(xlabel="epoch", ylabel="validation NDCG@20", title=title)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -170,6 +173,8 @@ def run(args):
         parts += tables(dataset, methods, MAIN + sorted(set(methods) - set(LABELS)))
         if any(m.startswith("ablation") for m in methods):
             parts += tables(f"{dataset}, ablations of AlphaFuse (SASRec)", methods, ABLATIONS)
+        if any(m.startswith("official") for m in methods):
+            parts += tables(f"{dataset}, AlphaFuse (SASRec) with one setting of the official code", methods, OFFICIAL)
         if args.plots and any(r["log"] for runs in methods.values() for r in runs):  # not popularity alone
             plot_curves(os.path.join(args.plots, f"curves_{dataset}.png"), methods, f"{dataset}: validation NDCG@20")
     if not parts:

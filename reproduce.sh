@@ -7,7 +7,9 @@
 # d = d_l, tau = 0.25 for DreamRec), then SEEDS x (SASRec with every --item_emb, DreamRec with
 # alphafuse and id) and the popularity recommender. On ABLATE (default amazon-toys) also the paper's
 # ablations of AlphaFuse-SASRec: w/o Stand (decompose --no_standardize), w/o Clip (d = d_l, the
-# same d_n = 64) and w/o Frozen (--train_lang). Each finished run is also evaluated history-masked
+# same d_n = 64) and w/o Frozen (--train_lang); and AlphaFuse with one setting of the official code
+# each, to measure our deliberate differences: its fixed batch order (--file_order) and its redrawn
+# negatives (--redraw_negatives). Each finished run is also evaluated history-masked
 # (RUN/metrics_masked.json) and, for SASRec, ranked by the raw dot product as the official code ranks
 # (RUN/metrics_dot.json). Last, report.py writes docs/results.md and the plots.
 # Runs in pieces: a run with RUN/metrics.json is not trained again and an interrupted one resumes from
@@ -109,6 +111,8 @@ for name in $DATASETS; do
             queue $runs/ablation_nostand_s$seed $common --subspace $data/subspace_nostand.pt
             queue $runs/ablation_noclip_s$seed $common --subspace $data/subspace_noclip.pt
             queue $runs/ablation_nofrozen_s$seed $common --train_lang
+            queue $runs/official_fileorder_s$seed $common --file_order
+            queue $runs/official_redraw_s$seed $common --redraw_negatives
         fi
     done
 done | xargs -d '\n' -n 1 -P "$JOBS" bash -c || status=$?

@@ -18,7 +18,8 @@ Reads and writes the same files as train_discriminative.py (RUN/ckpt.pt, last.pt
 metrics.json) and prints the same lines.
 
 NOTE where this differs from the official code: the first DDIM step is t = T-1, not T (outside the
-trained range); schedules are computed in float64; batches are shuffled.
+trained range); schedules are computed in float64; batches are shuffled (--file_order for the
+official fixed order).
 """
 
 import argparse

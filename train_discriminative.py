@@ -22,10 +22,11 @@ Prints one line per epoch (loss, validation metrics, seconds, samples/s), a prog
 sequences (default for --split loo): each user's last L + 1 training items, every position
 predicting the next item (SASRec's paper, LLM-ESR). The loop is training.py's.
 
-NOTE where this differs from the official code: batches are shuffled; the score function
-(cosine by default, as InfoNCE trains) is the same in training and evaluation unless
---eval_score dot asks for the official raw dot product; negatives that hit the target are
-masked out instead of resampled; evaluation runs in eval mode without gradients.
+NOTE where this differs from the official code: batches are shuffled (--file_order for the
+official fixed order); the score function (cosine by default, as InfoNCE trains) is the same in
+training and evaluation unless --eval_score dot asks for the official raw dot product; negatives
+that hit the target are masked out instead of drawn again (--redraw_negatives for the official
+rule); evaluation runs in eval mode without gradients.
 """
 
 import argparse
@@ -84,10 +85,12 @@ class SASRec(torch.nn.Module):
             return lambda seq: self.user_state(seq, table), table
         return lambda seq: F.normalize(self.user_state(seq, table), dim=-1) / self.temperature, F.normalize(table, dim=-1)
 
-    def loss(self, seq, target, loss, neg_ratio, generator, neg=None):
+    def loss(self, seq, target, loss, neg_ratio, generator, neg=None, redraw=False):
         """seq (B, L) histories and target (B,) their next items (windows), or target (B, L) the
         next item after every position, 0 after padding (whole sequences: every real position
-        is a sample). InfoNCE and BCE draw K uniform negatives per sample unless `neg` gives them."""
+        is a sample). InfoNCE and BCE draw K uniform negatives per sample unless `neg` gives them;
+        a negative that is the target is masked out, or with `redraw` drawn again until it is not
+        (the official code's rule)."""
         table = self.table()  # (N+1, d), computed once per step
         if target.dim() == 2:
             real = target > 0  # (B, L)
@@ -98,6 +101,8 @@ class SASRec(torch.nn.Module):
             return F.cross_entropy(self.logits(u, table, self.score)[:, 1:], target - 1)
         if neg is None:
             neg = torch.randint(1, self.num_items + 1, (len(target), neg_ratio), device=seq.device, generator=generator)
+            while redraw and (hit := neg == target[:, None]).any():
+                neg[hit] = torch.randint(1, self.num_items + 1, (int(hit.sum()),), device=seq.device, generator=generator)
         logits = self.sampled_logits(u, table, torch.cat([target[:, None], neg], 1), self.score)  # (P, 1+K)
         pos, neg_logits = logits[:, 0], logits[:, 1:].masked_fill(neg == target[:, None], float("-inf"))
         if loss == "infonce":  # the positive against K uniform negatives
@@ -125,7 +130,8 @@ def run(args):
     model = build_model(model_args, init).to(device)
     # fused: one kernel over all parameters (CPU and CUDA), 10x faster than the loop over them on CPU
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    loss_fn = lambda seq, target: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"])
+    loss_fn = lambda seq, target: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"],
+                                             redraw=args.redraw_negatives)
     fit(args, model, model_args, optimizer, loss_fn, gens, "sasrec", {**vars(args), "device": device, **provenance})
 
 
@@ -141,6 +147,7 @@ def main(argv=None):
     p.add_argument("--id_replace", action="store_true", help="ID vectors replace the null coordinates instead of adding to them")
     p.add_argument("--loss", choices=["infonce", "ce", "bce"], default="infonce", help="InfoNCE with K negatives, full softmax CE, or BCE")
     p.add_argument("--neg_ratio", type=int, default=64, help="K, uniform negatives per sample (infonce, bce)")
+    p.add_argument("--redraw_negatives", action="store_true", help="draw a negative that is the target again until it is not, as the official code (default: mask it out)")
     p.add_argument("--temperature", type=float, default=0.07, help="tau of the cosine logits")
     p.add_argument("--score", choices=["cosine", "dot"], default="cosine", help="similarity of user state and item in training")
     p.add_argument("--eval_score", choices=["cosine", "dot"], default=None, help="similarity for ranking (default: --score; official code: dot)")

@@ -121,7 +121,7 @@ def diverged(run, what, last_good, created):
 
 
 def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
-    """The training loop both backbones share: seeded shuffled batches of device-resident data,
+    """The training loop both backbones share: seeded shuffled (or --file_order) batches of device-resident data,
     validation NDCG@20 every --eval_every epochs, best and last checkpoints, early stopping after
     --patience evaluations without improvement, --resume, log.jsonl, a stop at a NaN or inf loss;
     then the best checkpoint is evaluated once on test. loss_fn(seq, target) -> scalar; gens: the seeded generators."""
@@ -161,7 +161,7 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
         epoch += 1
         t0, cpu0, shown, total = time.time(), time.process_time(), time.time(), 0.0
         model.train()
-        perm = torch.randperm(n, generator=gens["perm"]).to(device)
+        perm = torch.arange(n, device=device) if args.file_order else torch.randperm(n, generator=gens["perm"]).to(device)
         for step, i in enumerate(range(0, n, args.batch_size), 1):
             idx = perm[i:i + args.batch_size]
             with amp:
@@ -217,6 +217,7 @@ def add_loop_args(p):
     p.add_argument("--dropout", type=float, default=0.1, help="dropout rate of the encoder")
     p.add_argument("--batch_size", type=int, default=256, help="samples per step: windows, or whole sequences")
     p.add_argument("--train_on", choices=["sequences", "windows"], default=None, help="whole sequences, every position predicting its next item (SASRec, LLM-ESR), or one sample per target (official AlphaFuse); default: sequences for --split loo data, windows for user")
+    p.add_argument("--file_order", action="store_true", help="batches in the training file's order every epoch, as the official code's DataLoader (default: a seeded shuffle per epoch)")
     p.add_argument("--epochs", type=int, default=100, help="maximum epochs")
     p.add_argument("--patience", type=int, default=10, help="stop after this many evaluations without a better valid NDCG@20")
     p.add_argument("--eval_every", type=int, default=1, help="epochs between validations")

@@ -23,7 +23,8 @@ from conftest import REPO, assert_clean_error, prepare_toy, read_json, read_log,
 MAIN_ROWS = ["Popularity", "SASRec (ID)", "LLMInit", "MoRec", "WhitenRec", "AlphaFuse (SASRec)",
              "DreamRec (ID)", "AlphaFuse (DreamRec)"]
 RUNS = ["sasrec_alphafuse", "sasrec_id", "sasrec_llminit", "sasrec_morec", "sasrec_whitenrec",
-        "dreamrec_alphafuse", "dreamrec_id", "ablation_nostand", "ablation_noclip", "ablation_nofrozen"]
+        "dreamrec_alphafuse", "dreamrec_id", "ablation_nostand", "ablation_noclip", "ablation_nofrozen",
+        "official_fileorder", "official_redraw"]
 # The settings in reproduce() bound the work: about 30 commands that each start Python, most of
 # them torch; 3 minutes on 2 cores beside another CPU-heavy process. A run still going after an
 # hour hangs (the limit is no measure of the machine's speed).
@@ -97,7 +98,8 @@ def test_results_keeps_the_small_files_of_every_finished_run(repro):
 
 def test_ablations_get_their_subspaces(repro):
     """w/o Clip keeps all d_l = 384 directions with the same d_n = 64; w/o Frozen trains the
-    language coordinates; w/o Stand reads the unstandardized subspace."""
+    language coordinates; w/o Stand reads the unstandardized subspace; the official_* runs have
+    their one official setting."""
     import torch
     root, _ = repro
     runs = root / "runs" / "toy"
@@ -110,6 +112,10 @@ def test_ablations_get_their_subspaces(repro):
     assert config("sasrec_alphafuse_s0")["model_args"]["d"] == 128
     assert config("ablation_nofrozen_s0")["model_args"]["train_lang"] is True
     assert config("ablation_nostand_s0")["config"]["subspace"].endswith("subspace_nostand.pt")
+    settings = {n: (config(n)["config"]["file_order"], config(n)["config"]["redraw_negatives"])
+                for n in ("sasrec_alphafuse_s0", "official_fileorder_s0", "official_redraw_s0")}
+    assert settings == {"sasrec_alphafuse_s0": (False, False), "official_fileorder_s0": (True, False),
+                        "official_redraw_s0": (False, True)}
 
 
 def test_table_cells_are_mean_and_std_over_seeds(repro):
@@ -121,13 +127,12 @@ def test_table_cells_are_mean_and_std_over_seeds(repro):
     assert text in proc.stdout
     tables = rows(text)
     late = "not converged (a seed's best epoch is its last epoch)"
-    assert set(tables) <= {"toy", f"toy, {late}", "toy, ablations of AlphaFuse (SASRec)",
-                           f"toy, ablations of AlphaFuse (SASRec), {late}"}
-    main = {**tables.get("toy", {}), **tables.get(f"toy, {late}", {})}
-    ablations = {**tables.get("toy, ablations of AlphaFuse (SASRec)", {}),
-                 **tables.get(f"toy, ablations of AlphaFuse (SASRec), {late}", {})}
+    ablated, official = "toy, ablations of AlphaFuse (SASRec)", "toy, AlphaFuse (SASRec) with one setting of the official code"
+    assert set(tables) <= {title + part for title in ("toy", ablated, official) for part in ("", f", {late}")}
+    main, ablations, officials = ({**tables.get(t, {}), **tables.get(f"{t}, {late}", {})} for t in ("toy", ablated, official))
     assert sorted(main) == sorted(MAIN_ROWS)
     assert sorted(ablations) == sorted(["AlphaFuse (SASRec)", "w/o Stand", "w/o Clip (d = d_l)", "w/o Frozen"])
+    assert sorted(officials) == sorted(["AlphaFuse (SASRec)", "official batch order", "official negatives"])
     for label, run in [("AlphaFuse (SASRec)", "sasrec_alphafuse"), ("DreamRec (ID)", "dreamrec_id")]:
         def column(file, group="all"):
             v = np.array([read_json(runs / f"{run}_s{s}" / file)["test"][group]["NDCG@20"] for s in (0, 1)])

@@ -143,6 +143,36 @@ def test_same_seed_same_losses(data, tmp_path):
     assert [r["loss"] for r in a] != [r["loss"] for r in c]
 
 
+@pytest.mark.parametrize("file_order", [False, True])
+def test_batch_order(data, tmp_path, monkeypatch, file_order):
+    """The targets each step trains on, over 2 epochs: a different permutation of train.npz's
+    samples each epoch, or with --file_order (the official code's) train.npz's order every epoch."""
+    seen, loss = [], train_discriminative.SASRec.loss
+    monkeypatch.setattr(train_discriminative.SASRec, "loss",
+                        lambda self, seq, target, *a, **k: seen.append(target.clone()) or loss(self, seq, target, *a, **k))
+    train(data, tmp_path / "run", "--train_on", "windows", *(["--file_order"] if file_order else []), epochs=2)
+    epochs = torch.cat(seen).view(2, -1)
+    file = torch.from_numpy(np.load(os.path.join(data, "train.npz"))["target"])
+    for order in epochs:
+        assert sorted(order.tolist()) == sorted(file.tolist())
+    assert file_order == epochs[0].equal(file) == epochs[1].equal(file)
+    assert file_order == epochs[0].equal(epochs[1])
+
+
+def test_redraw_negatives_draws_until_no_negative_is_the_target():
+    """With 2 items every redrawn negative is the other item, so the loss is that of K copies of it;
+    masking (the default) leaves some hits out and gives another loss."""
+    model = train_discriminative.build_model(dict(item_emb="id", num_items=2, d=8, max_len=4, num_blocks=1,
+                                                  num_heads=1, dropout=0.0, score="cosine", eval_score="cosine",
+                                                  temperature=0.07))
+    seq, target = torch.tensor([[0, 1, 2, 1], [0, 0, 2, 2], [1, 1, 1, 2]]), torch.tensor([1, 2, 2])
+    g = torch.Generator().manual_seed(0)
+    redrawn = model.loss(seq, target, "infonce", 16, g, redraw=True)
+    other = (3 - target)[:, None].expand(3, 16)
+    assert torch.allclose(redrawn, model.loss(seq, target, "infonce", 16, None, neg=other), atol=0, rtol=1e-6)
+    assert not torch.allclose(model.loss(seq, target, "infonce", 16, g.manual_seed(0)), redrawn)
+
+
 @pytest.mark.parametrize("dropout", ["0.1", "0.0"])
 def test_resume_continues_exactly(data, tmp_path, dropout):
     """2 epochs, then --resume to 3, logs the same losses and validation metrics as an uninterrupted
