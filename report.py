@@ -44,6 +44,14 @@ METRICS = [("all", "HR@10"), ("all", "HR@20"), ("all", "NDCG@10"), ("all", "NDCG
            ("tail_user", "NDCG@20")]
 HEADER = ["HR@10", "HR@20", "NDCG@10", "NDCG@20", "NDCG@20 masked", "NDCG@20 dot", "head items", "tail items",
           "head users", "tail users"]
+PREAMBLE = """Written by report.py from each finished run's metrics*.json and log.jsonl (reproduce.sh).
+Test split, ranked against all items; mean ± sample standard deviation over the training seeds
+(a bare value: one seed). NDCG@20 masked: never recommending the history's items; dot: SASRec
+ranked by the raw dot product (the official code's score) instead of the cosine it trained with;
+head/tail items and users: NDCG@20 of the samples whose target is among the 20% most popular
+items in training or not, whose user among the 20% with the longest histories or not. Best epoch
+and epochs: each seed's (validation NDCG@20, early stopping).
+"""
 OTHER_PROTOCOLS = {"masked": "metrics_masked.json", "dot": "metrics_dot.json"}  # group: file beside metrics.json
 
 
@@ -179,7 +187,7 @@ def run(args):
             plot_curves(os.path.join(args.plots, f"curves_{dataset}.png"), methods, f"{dataset}: validation NDCG@20")
     if not parts:
         raise DataError(f"{args.runs}: no finished runs (DATASET/METHOD_sSEED/metrics.json)")
-    text = "\n".join(parts)
+    text = "\n".join([PREAMBLE] + parts)
     if args.out:
         with common.atomic_open(args.out, "w") as f:
             f.write(text)
