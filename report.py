@@ -16,7 +16,8 @@ Writes --out: per dataset one Markdown table of the test split (full ranking): m
        likewise the runs of AlphaFuse with one setting of the official code (official_*). A
        run without metrics.json yet (unfinished) is left out.
        --plots: curves_<dataset>.png, validation NDCG@20 over epochs per method, the mean over
-       the seeds with a band of one standard deviation (needs matplotlib).
+       the seeds with a band of one standard deviation up to the shortest seed's last epoch,
+       then each longer seed as a thin line (needs matplotlib).
 Prints the tables.
 """
 
@@ -145,21 +146,27 @@ def tables(title, methods, order):
 
 
 def plot_curves(path, methods, title):
-    """Validation NDCG@20 over epochs, one line per method: mean over seeds, band of one std."""
+    """Validation NDCG@20 over epochs, one line per method: the mean over the seeds, with a band of
+    one standard deviation, while every seed runs; past the shortest run, each longer seed alone
+    (thin), so that the mean never jumps where a seed stopped."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
     for method in [m for m in LABELS if m in methods] + [m for m in methods if m not in LABELS]:
         curves = [{rec["epoch"]: rec["valid"]["NDCG@20"] for rec in r["log"] if "valid" in rec} for r in methods[method]]
-        epochs = sorted(set().union(*curves))
+        epochs = sorted(set.intersection(*map(set, curves)))  # validated in every seed
         if not epochs:
             continue
-        values = [[c[e] for c in curves if e in c] for e in epochs]
-        mean, std = np.array([np.mean(v) for v in values]), np.array([np.std(v) for v in values])
-        line, = ax.plot(epochs, mean, marker="o", ms=3, lw=1.5, label=LABELS.get(method, method),
-                        ls="--" if method.startswith(("ablation", "official")) else "-")
+        values = np.array([[c[e] for c in curves] for e in epochs])  # (epochs, seeds)
+        mean, std = values.mean(1), values.std(1)
+        line, = ax.plot(epochs, mean, marker="o" if len(epochs) <= 30 else None, ms=3, lw=1.5,
+                        label=LABELS.get(method, method), ls="--" if method.startswith(("ablation", "official")) else "-")
         ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
+        for c in curves:
+            later = [e for e in sorted(c) if e >= epochs[-1]]
+            if len(later) > 1:
+                ax.plot(later, [c[e] for e in later], color=line.get_color(), lw=0.7, alpha=0.7, ls=line.get_linestyle())
     ax.set(xlabel="epoch", ylabel="validation NDCG@20", title=title)
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.legend(fontsize=7, ncol=2)
