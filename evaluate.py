@@ -17,16 +17,17 @@ CKPT, named from the options, so that only the trainer's own protocol (--split t
 no mask, --ks 10,20, seed 0) rewrites the trainer's metrics.json, with the same numbers; any other
 evaluation writes metrics_<parts>.json, with the parts that differ from that protocol in this
 order: valid, masked, sampled<M>, k<K,K,...> (--ks as parsed), cosine or dot (--eval_score other
-than the checkpoint's own), coldnew (--cold_as_new), seed<S> (only where the seed changes the
-numbers: with --sampled, or DreamRec's x_T). E.g. --split valid --mask_history --ks 5,10 ->
-metrics_valid_masked_k5,10.json; --sampled 100 --seed 1 -> metrics_sampled100_seed1.json.
+than the checkpoint's own), seed<S> (only where the seed changes the numbers: with --sampled, or
+DreamRec's x_T). E.g. --split valid --mask_history --ks 5,10 -> metrics_valid_masked_k5,10.json;
+--sampled 100 --seed 1 -> metrics_sampled100_seed1.json.
 Prints the same as a table.
 rank = 1 + #{j != target : score_j >= score_target} (ties count against the model);
 HR@K = [rank <= K], NDCG@K = [rank <= K] / log2(rank + 1), MRR@K = [rank <= K] / rank.
 --mask_history removes the items of the sample's history window (except the target) from the
 ranking; --sampled M ranks the target against M items drawn (seeded) from outside that window, so
-the two together are refused (the mask would change nothing). --cold_as_new scores the cold items
-as recommend.py --new_items scores items that arrive after training (language part only).
+the two together are refused (the mask would change nothing). Cold items (prepare.py --cold_items)
+need no option: the trainers never touch them (never a negative; their rows stay as they started,
+a zero ID part), so AlphaFuse scores them as recommend.py --new_items scores new items.
 Bad flags, a checkpoint that does not fit DATA (N, L, its own weights) or a split with user indices
 outside meta.json's users fail before the ranking with one `error:` line; FILE is written last.
 """
@@ -39,7 +40,7 @@ import torch
 
 import common
 from common import DataError
-from model import check_device, full_ranking, load_checkpoint, load_subspace
+from model import check_device, full_ranking, load_checkpoint
 
 
 def check_checkpoint(ckpt, path):
@@ -115,20 +116,6 @@ def check_new_items(model, ckpt, path):
                         "and whitenrec can)")
 
 
-@torch.no_grad()
-def score_as_new(model, ckpt, items, path):
-    """Score the cold `items` as recommend.py scores items that arrive after training: AlphaFuse's
-    ID part zeroed (never trained toward a user: its random init, and in SASRec pushed away as a
-    negative), and with --train_lang their language rows put back to decompose.py's projection;
-    morec and whitenrec need no change."""
-    check_new_items(model, ckpt, path)
-    emb = model.item_emb
-    if hasattr(emb, "id_emb"):
-        emb.id_emb[items] = 0
-        if isinstance(emb.lang, torch.nn.Parameter):
-            emb.lang[items] = load_subspace(ckpt["config"].get("subspace"))["lang_emb"][items].to(emb.lang)
-
-
 def load_trained(args):
     """CKPT -> (scorer, DATA, meta.json, checkpoint), the checkpoint checked against DATA."""
     ckpt, data_dir, meta = open_run(args.ckpt, args.device, args.data)
@@ -139,13 +126,7 @@ def load_trained(args):
             args.eval_score = None  # its own score: the trainer's protocol, and its file name
         else:
             ckpt["model_args"] = dict(ckpt["model_args"], eval_score=args.eval_score)
-    model = load_model(ckpt, args.device, args.ckpt)
-    if args.cold_as_new:
-        if not meta.get("cold_items"):
-            raise DataError(f"--cold_as_new: {os.path.join(data_dir, 'meta.json')} lists no cold items "
-                            "(prepare.py --cold_items FRAC holds some out)")
-        score_as_new(model, ckpt, meta["cold_items"], args.ckpt)
-    return model.scorer(args.seed), data_dir, meta, ckpt
+    return load_model(ckpt, args.device, args.ckpt).scorer(args.seed), data_dir, meta, ckpt
 
 
 def default_out(args, ks, ckpt):
@@ -166,8 +147,6 @@ def default_out(args, ks, ckpt):
         parts.append("k" + ",".join(map(str, ks)))
     if args.eval_score:
         parts.append(args.eval_score)
-    if getattr(args, "cold_as_new", False):
-        parts.append("coldnew")
     # the seed changes the numbers only where something is drawn; SASRec's full ranking draws nothing
     if args.seed and (args.sampled or ckpt.get("backbone") == "dreamrec"):
         parts.append(f"seed{args.seed}")
@@ -176,8 +155,6 @@ def default_out(args, ks, ckpt):
 
 def run(args, ks):
     if args.popularity:
-        if args.cold_as_new:
-            raise DataError("--cold_as_new is for checkpoints (popularity has no item embedding)")
         if not args.data:
             raise DataError("--popularity needs --data DATA")
         if not args.out:  # DATA belongs to prepare.py, embed.py and decompose.py
@@ -201,7 +178,6 @@ def run(args, ks):
         raise DataError(f"{out}: cannot write ({e.strerror})") from None
     protocol = f"sampled ({args.sampled} negatives)" if args.sampled else "full ranking"
     scored = f", scored by {args.eval_score}" if args.eval_score else ""
-    scored += ", cold items scored as new items" if getattr(args, "cold_as_new", False) else ""
     print(f"{args.split}, {protocol}{', history masked' if args.mask_history else ''}{scored}:")
     print(common.format_table(results))
     print(f"wrote {out}")
@@ -218,8 +194,6 @@ def main(argv=None):
     p.add_argument("--sampled", type=int, default=0, help="rank against this many sampled items (LLM-ESR: 100; 0 = all)")
     p.add_argument("--eval_score", choices=["cosine", "dot"], default=None, help="rank a SASRec checkpoint by this "
                    "score instead of its own (the official code ranks by the raw dot product)")
-    p.add_argument("--cold_as_new", action="store_true", help="score the cold items (prepare.py --cold_items) as "
-                   "recommend.py scores new items: AlphaFuse's ID part zeroed; refused for id and llminit tables")
     p.add_argument("--seed", type=int, default=0, help="seed of the sampled negatives and of diffusion sampling")
     p.add_argument("--batch_size", type=int, default=1024, help="samples scored at once")
     p.add_argument("--out", default=None, help="output JSON (required with --popularity; default: beside CKPT, "

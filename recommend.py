@@ -29,6 +29,7 @@ from --api_key_env), and each vector e becomes what the item embedding would hol
   morec      the adapter applied to e;  whitenrec  the adapter applied to e whitened with the mean
              and covariance of DATA/lang_emb.npy, recomputed as the trainer computes them
   id, llminit (a trained row per item) cannot: one error line. A history may name new items too.
+Training keeps a cold item's row (prepare.py --cold_items) the same way, so its text scores as it.
 """
 
 import argparse

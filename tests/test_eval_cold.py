@@ -1,13 +1,12 @@
 """Cold items (prepare.py --cold_items): evaluate.py's cold_item group is the metric over exactly the
-samples whose target is cold, training never feeds a cold item, and --cold_as_new scores the cold
-items as recommend.py scores new items. Uses test_recommend.py's toy runs (a quarter of the items cold).
+samples whose target is cold, training never feeds a cold item, and a trained run holds the cold
+items as new items (tests/test_cold_training.py checks the training itself). Uses
+test_recommend.py's toy runs (a quarter of the items cold).
 
     cd /work/main && python -m pytest -q tests/test_eval_cold.py
 """
 
-import json
 import os
-import shutil
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import torch
 import common
 import train_diffusion
 import train_discriminative
-from conftest import assert_clean_error, read_json, run_main
+from conftest import read_json, run_main
 from model import full_ranking
 from test_recommend import DREAMREC, SASREC, load, server, toy  # noqa: F401 (fixtures)
 
@@ -71,42 +70,16 @@ def test_training_never_sees_a_cold_item(toy, tmp_path, monkeypatch, backbone, f
         assert not np.isin(seq.numpy(), cold).any() and not np.isin(target.numpy(), cold).any()
 
 
-def test_cold_as_new_zeroes_the_id_part_of_the_cold_items(toy, tmp_path):
-    """alphafuse --cold_as_new: the metrics of the model whose cold items have a zero ID part (as
-    recommend.py --new_items builds them), in RUN/metrics_coldnew.json; the trainer's file stays."""
-    run = str(shutil.copytree(toy.runs["alphafuse"], tmp_path / "run"))
-    before = read_json(os.path.join(run, "metrics.json"))
-    proc = run_main("evaluate.py", os.path.join(run, "ckpt.pt"), "--cold_as_new", "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr
-    assert read_json(os.path.join(run, "metrics.json")) == before
-    got = read_json(os.path.join(run, "metrics_coldnew.json"))["test"]
-    model = load(run)
-    with torch.no_grad():
-        model.item_emb.id_emb[toy.meta["cold_items"]] = 0
-    m, target = per_sample(model, toy.data)
-    assert got == common.group_means(m, target, common.load_split(toy.data, "test", toy.meta["num_items"])["user"],
-                                     toy.meta)
-
-
-def test_cold_as_new_leaves_adapter_models_as_they_are(toy, tmp_path):
-    """whitenrec embeds every item from its language vector alone: --cold_as_new changes nothing."""
-    out = tmp_path / "m.json"
-    proc = run_main("evaluate.py", os.path.join(toy.runs["whitenrec"], "ckpt.pt"), "--cold_as_new", "--out", out,
-                    "--device", "cpu")
-    assert proc.returncode == 0, proc.stderr
-    assert read_json(out) == read_json(os.path.join(toy.runs["whitenrec"], "metrics.json"))
-
-
-def test_cold_as_new_is_refused_for_an_id_table_and_for_data_without_cold_items(toy, tmp_path):
-    """An ID table cannot score an item as new (one line naming the checkpoint), and data without
-    cold items has nothing to score so (one line naming the flag); nothing is written."""
-    out = tmp_path / "m.json"
-    proc = run_main("evaluate.py", os.path.join(toy.runs["id"], "ckpt.pt"), "--cold_as_new", "--out", out)
-    assert "cannot score" in assert_clean_error(proc, "ckpt.pt")
-    data = shutil.copytree(toy.data, tmp_path / "data")
-    meta = read_json(data / "meta.json")
-    (data / "meta.json").write_text(json.dumps({k: v for k, v in meta.items() if not k.startswith("cold")}))
-    proc = run_main("evaluate.py", os.path.join(toy.runs["alphafuse"], "ckpt.pt"), "--cold_as_new", "--data", data,
-                    "--out", out)
-    assert_clean_error(proc, "--cold_as_new")
-    assert not out.exists()
+@pytest.mark.parametrize("kind", ["alphafuse", "id", "llminit", "dreamrec"])
+def test_a_trained_run_holds_the_cold_items_as_it_started(toy, kind):
+    """After training, a cold item's ID part (alphafuse, DreamRec-AlphaFuse) and an ID table's cold
+    rows are zero and llminit's cold rows are subspace.pt's language coordinates, so the metrics of
+    the run as trained are those of its cold items scored as new items (no evaluation option)."""
+    model, cold = load(toy.runs[kind]), toy.meta["cold_items"]
+    lang = torch.load(os.path.join(toy.data, "subspace.pt"), weights_only=True)["lang_emb"]
+    emb = model.item_emb
+    if kind in ("alphafuse", "dreamrec"):
+        assert not emb.id_emb[cold].any() and emb.id_emb[1:].any()
+        assert torch.equal(emb.table()[cold], lang[cold])
+    else:
+        assert torch.equal(emb.weight[cold], lang[cold] if kind == "llminit" else torch.zeros_like(lang[cold]))

@@ -299,6 +299,27 @@ def test_adapter_models_score_a_new_twin_as_its_known_item(toy, server, tmp_path
     assert len(got) == N + 3 and got["n1"] == pytest.approx(got[toy.ids[4]], abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["alphafuse", "dreamrec"])
+def test_a_new_twin_of_a_cold_item_scores_as_the_cold_item(toy, server, tmp_path, kind):
+    """Training never touches a cold item (prepare.py --cold_items), so its row is what
+    --new_items builds for its text: the projection of its vector and a zero ID part. A new item
+    with a cold item's text gets that item's row and exactly its score (SASRec and DreamRec)."""
+    cold = toy.meta["cold_items"][0]
+    path, texts = new_items(tmp_path, toy, twin=cold)
+    N, run = toy.meta["num_items"], toy.runs[kind]
+    proc = recommend_cli(run, "--history", toy.ids[20], "--new_items", path, "--base_url", server[1], "--k", N + 3,
+                         "--include_history")
+    assert proc.returncode == 0, proc.stderr
+    got = {i: s for _, i, s, _ in parse(proc.stdout)}
+    assert len(got) == N + 3 and got["n1"] == got[toy.ids[cold - 1]]
+    model = load(run)
+    _, to_rows = recommend.new_item_rows(SimpleNamespace(subspace=None, ckpt="ckpt"), model,
+                                         torch.load(os.path.join(run, "ckpt.pt"), weights_only=True), toy.data)
+    recommend.add_items(model, torch.from_numpy(to_rows(fake_vector(texts[0], DIM)[None])).float())
+    table = model.item_emb.table()
+    assert torch.equal(table[N + 1], table[cold])
+
+
 def test_dreamrec_scores_with_its_seed_and_takes_new_items(toy, server, tmp_path):
     """DreamRec: the list of evaluate.py's scorer with --seed (x_T drawn from it), the same on a
     rerun; new items join its item table."""
