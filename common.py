@@ -10,7 +10,8 @@ Files of a prepared dataset folder DATA (item index 0 is padding, real items are
     train.npz     seq int64 (n, L) left-padded, oldest first; target int64 (n,); user int64 (n,)
     valid.npz     same keys
     test.npz      same keys
-    meta.json     source, split, seed, max_len, counts, item_popularity (N+1), user_history_len (U)
+    meta.json     source, split, seed, max_len, counts, item_popularity (N+1), user_history_len (U),
+                  and with prepare.py --cold_items: cold_frac, cold_items (the held-out item indices)
 """
 
 import argparse
@@ -156,6 +157,10 @@ def load_meta(data_dir):
     if meta.get("num_users", len(meta["user_history_len"])) != len(meta["user_history_len"]):
         raise DataError(f"{path}: user_history_len has {len(meta['user_history_len'])} entries, "
                         f"but num_users is {meta['num_users']!r}")
+    cold = meta.get("cold_items", [])  # prepare.py --cold_items: item indices held out of training
+    if (not isinstance(cold, list) or any(type(i) is not int or not 1 <= i <= meta["num_items"] for i in cold)
+            or len(set(cold)) < len(cold)):
+        raise DataError(f"{path}: 'cold_items' must be a list of distinct item indices in 1..{meta['num_items']}")
     return meta
 
 
@@ -225,7 +230,8 @@ def load_dataset(data_dir, allow_empty=True):
 
 def group_means(per_sample, target, user, meta, head_frac=0.2):
     """Mean of each metric over all samples and over head/tail items (the `head_frac` most popular
-    in training) and head/tail users (the `head_frac` with the longest training histories)."""
+    in training) and head/tail users (the `head_frac` with the longest training histories); when
+    meta.json lists cold items (prepare.py --cold_items), also over the samples whose target is one."""
     pop = np.asarray(meta["item_popularity"])
     head_item = np.zeros(len(pop), dtype=bool)
     head_item[1 + np.argsort(-pop[1:], kind="stable")[:int(np.ceil(head_frac * (len(pop) - 1)))]] = True
@@ -235,6 +241,10 @@ def group_means(per_sample, target, user, meta, head_frac=0.2):
     hi, hu = head_item[target], head_user[user]
     groups = {"all": np.ones(len(target), dtype=bool), "head_item": hi, "tail_item": ~hi,
               "head_user": hu, "tail_user": ~hu}
+    if meta.get("cold_items"):  # only then: the groups of every other dataset stay as they were
+        cold = np.zeros(len(pop), dtype=bool)
+        cold[meta["cold_items"]] = True
+        groups["cold_item"] = cold[target]
     return {g: {k: (float(v.numpy()[mask].mean()) if mask.any() else None) for k, v in per_sample.items()}
             for g, mask in groups.items()}
 

@@ -9,7 +9,8 @@ all test samples and per head/tail item and user group; or the popularity recomm
 Reads  CKPT (train_discriminative.py or train_diffusion.py) and its DATA/{split}.npz, meta.json.
 Writes FILE as {split: {group: {"HR@10": x, "NDCG@10": x, "MRR@10": x, "HR@20": ...}}}, groups
        all, head_item, tail_item (the 20% most popular training items and the rest), head_user,
-       tail_user (the 20% of users with the longest training histories and the rest).
+       tail_user (the 20% of users with the longest training histories and the rest), and
+       cold_item (targets among meta.json's cold_items, when prepare.py --cold_items made some).
 FILE is --out, which --popularity requires (only prepare.py, embed.py and decompose.py write into
 DATA), as does a --data other than the folder CKPT was trained on. Without --out, FILE lies beside
 CKPT, named from the options, so that only the trainer's own protocol (--split test, full ranking,
@@ -17,14 +18,16 @@ no mask, --ks 10,20, seed 0) rewrites the trainer's metrics.json, with the same 
 evaluation writes metrics_<parts>.json, with the parts that differ from that protocol in this
 order: valid, masked, sampled<M>, k<K,K,...> (--ks as parsed), cosine or dot (--eval_score other
 than the checkpoint's own), seed<S> (only where the seed changes the numbers: with --sampled, or
-DreamRec's x_T). E.g. --split valid --mask_history --ks
-5,10 -> metrics_valid_masked_k5,10.json; --sampled 100 --seed 1 -> metrics_sampled100_seed1.json.
+DreamRec's x_T). E.g. --split valid --mask_history --ks 5,10 -> metrics_valid_masked_k5,10.json;
+--sampled 100 --seed 1 -> metrics_sampled100_seed1.json.
 Prints the same as a table.
 rank = 1 + #{j != target : score_j >= score_target} (ties count against the model);
 HR@K = [rank <= K], NDCG@K = [rank <= K] / log2(rank + 1), MRR@K = [rank <= K] / rank.
 --mask_history removes the items of the sample's history window (except the target) from the
 ranking; --sampled M ranks the target against M items drawn (seeded) from outside that window, so
-the two together are refused (the mask would change nothing).
+the two together are refused (the mask would change nothing). Cold items (prepare.py --cold_items)
+need no option: the trainers never touch them (never a negative; their rows stay as they started,
+a zero ID part), so AlphaFuse scores them as recommend.py --new_items scores new items.
 Bad flags, a checkpoint that does not fit DATA (N, L, its own weights) or a split with user indices
 outside meta.json's users fail before the ranking with one `error:` line; FILE is written last.
 """
@@ -87,18 +90,35 @@ def evaluate(scorer, data_dir, meta, split, ks, device, mask_history=False, samp
     return common.group_means(per_sample, arrays["target"], arrays["user"], meta)
 
 
-def load_trained(args):
-    """CKPT -> (scorer, DATA, meta.json), the checkpoint checked against DATA: the same N and L."""
-    ckpt = load_checkpoint(args.ckpt, args.device)
-    check_checkpoint(ckpt, args.ckpt)
-    data_dir = args.data or ckpt["config"].get("data")
+def open_run(path, device, data=None):
+    """CKPT -> (checkpoint, DATA, meta.json), checked against each other: the same N and L.
+    DATA is `data`, else the folder the checkpoint's config names."""
+    ckpt = load_checkpoint(path, device)
+    check_checkpoint(ckpt, path)
+    data_dir = data or ckpt["config"].get("data")
     if not isinstance(data_dir, str):
-        raise DataError(f"{args.ckpt}: its config names no dataset folder; give --data DATA")
+        raise DataError(f"{path}: its config names no dataset folder; give --data DATA")
     meta = common.load_meta(data_dir)
     for key in ("num_items", "max_len"):  # a longer or shorter window would not fail, only mislead
         if meta[key] != ckpt["model_args"].get(key):
             raise DataError(f"{os.path.join(data_dir, 'meta.json')}: {key} {meta[key]}, "
-                            f"but the checkpoint {args.ckpt} has {ckpt['model_args'].get(key)}")
+                            f"but the checkpoint {path} has {ckpt['model_args'].get(key)}")
+    return ckpt, data_dir, meta
+
+
+def check_new_items(model, ckpt, path):
+    """An item the model was not trained on can be scored by an item embedding built on language
+    vectors (alphafuse: its language coordinates and a zero ID part; morec, whitenrec: the adapter
+    applied to its vector), never by a table with one trained row per item (id, llminit)."""
+    if isinstance(model.item_emb, torch.nn.Embedding):
+        raise DataError(f"{path}: its item embedding '{ckpt['model_args'].get('item_emb')}' is a table with one "
+                        "trained row per item, so it cannot score items it was not trained on (alphafuse, morec "
+                        "and whitenrec can)")
+
+
+def load_trained(args):
+    """CKPT -> (scorer, DATA, meta.json, checkpoint), the checkpoint checked against DATA."""
+    ckpt, data_dir, meta = open_run(args.ckpt, args.device, args.data)
     if args.eval_score:  # rank a SASRec checkpoint by another score than it was trained with
         if ckpt.get("backbone") == "dreamrec":
             raise DataError(f"{args.ckpt}: --eval_score is for SASRec checkpoints (DreamRec scores by x0_hat . e)")

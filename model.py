@@ -296,10 +296,13 @@ def load_checkpoint(path, device="cpu", what="checkpoint", missing=""):
 SUBSPACE_KEYS = ("mean", "eigenvalues", "basis", "lang_emb", "d_s", "d_n")
 
 
-def keep_padding_row(param):
-    """Row 0 of an item table (the padding item) never gets a gradient, whether the table is read
-    by lookups or whole (table()), so it stays the zero vector; returns param."""
-    param.register_hook(lambda g: g.index_fill(0, torch.zeros(1, dtype=torch.long, device=g.device), 0.0))
+def keep_rows(param, cold=()):
+    """Rows of an item table that never get a gradient, whether the table is read by lookups or
+    whole (table()): row 0, the padding item, so it stays the zero vector, and the cold items
+    (prepare.py --cold_items), so they stay as an item that arrives after training has them,
+    whatever the loss (ce's full softmax reaches every row); returns param."""
+    rows = torch.tensor([0, *cold], dtype=torch.long)
+    param.register_hook(lambda g: g.index_fill(0, rows.to(g.device), 0.0))
     return param
 
 
@@ -326,12 +329,13 @@ class FusedItemEmbedding(torch.nn.Module):
 
     E_lang (decompose.py's lang_emb) is a frozen buffer; ID (N+1, d_n) is trainable and only touches
     the null coordinates d_s..d. Row 0 of both is zero and never gets a gradient (padding_idx for
-    lookups, keep_padding_row for table()), so the padding item stays the zero vector. d_n = 0 gives the pure language embeddings.
+    lookups, keep_rows for table()), so the padding item stays the zero vector. d_n = 0 gives the pure language embeddings.
     Ablations: train_lang=True makes E_lang a parameter initialised from it (the paper's
     "w/o Frozen"); replace=True uses e_i = [E_lang[i, :d_s], ID_i] instead of the sum.
+    The `cold` items (held out of training) have ID_i = 0 and no gradient, as a new item has them.
     """
 
-    def __init__(self, lang_emb, d_s, id_init="normal", train_lang=False, replace=False):
+    def __init__(self, lang_emb, d_s, id_init="normal", train_lang=False, replace=False, cold=()):
         super().__init__()
         if id_init not in ("normal", "zeros"):
             raise ValueError(f"id_init must be 'normal' or 'zeros', got {id_init!r}")
@@ -340,13 +344,14 @@ class FusedItemEmbedding(torch.nn.Module):
         lang = lang_emb.detach().to(torch.float32).clone()
         lang[0] = 0
         if train_lang:
-            self.lang = keep_padding_row(torch.nn.Parameter(lang))
+            self.lang = keep_rows(torch.nn.Parameter(lang), cold)  # cold rows: decompose.py's projection
         else:
             self.register_buffer("lang", lang)
-        self.id_emb = keep_padding_row(torch.nn.Parameter(torch.zeros(n1, d - d_s)))  # (N+1, d_n)
+        self.id_emb = keep_rows(torch.nn.Parameter(torch.zeros(n1, d - d_s)), cold)  # (N+1, d_n)
         if id_init == "normal":
             with torch.no_grad():
-                self.id_emb[1:].normal_()
+                self.id_emb[1:].normal_()  # every row draws, so warm rows start as without cold items
+                self.id_emb[list(cold)] = 0
 
     def forward(self, idx):  # idx (...) item indices -> (..., d)
         lang = F.embedding(idx, self.lang, padding_idx=0)  # (..., d)
@@ -376,18 +381,19 @@ class AdapterEmbedding(torch.nn.Module):
         return self.forward(torch.arange(len(self.features), device=self.features.device))
 
 
-def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None):
+def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None, cold=()):
     """The item embedding module; `init` is the language tensor it is built on (zeros as a
-    placeholder when rebuilding from a checkpoint, whose state_dict then fills it)."""
+    placeholder when rebuilding from a checkpoint, whose state_dict then fills it). The `cold` items'
+    rows (training only) never change: zero ID rows, as a new item's; llminit's language rows."""
     if item_emb in ("alphafuse", "llminit", "morec", "whitenrec") and init is None:
         init = torch.zeros(num_items + 1, d_in if item_emb in ("morec", "whitenrec") else d)
     if item_emb == "alphafuse":
-        return FusedItemEmbedding(init, d_s, id_init, train_lang, id_replace)
+        return FusedItemEmbedding(init, d_s, id_init, train_lang, id_replace, cold)
     if item_emb in ("morec", "whitenrec"):
         return AdapterEmbedding(init, d)
     table = torch.nn.Embedding(num_items + 1, d, padding_idx=0)
-    keep_padding_row(table.weight)  # padding_idx guards lookups; table() is read directly
+    keep_rows(table.weight, cold)  # padding_idx guards lookups; table() is read directly
     with torch.no_grad():
         table.weight.copy_(init if item_emb == "llminit" else torch.randn(num_items + 1, d) * (id_init == "normal"))
-        table.weight[0] = 0
+        table.weight[[0, *cold] if item_emb == "id" else 0] = 0
     return table

@@ -15,6 +15,10 @@ Protocol (../shared/DESIGN.md): each user's interactions sorted by time, ties in
 --split user: users permuted with default_rng(seed); 80/10/10% of users; every t = 2..n is a
 sample of its user's split. --split loo: targets t = 2..n-2 train, n-1 valid, n test; users with
 fewer than 3 interactions are dropped (printed) before items are indexed.
+--cold_items FRAC (new items, for evaluate.py's cold_item group): floor(FRAC N) items drawn with
+default_rng([seed, 1]) are cut out of every history and every training target (what is left of a
+user's sequence keeps its order); valid and test samples whose target is cold are kept. The items
+stay in items.jsonl (so they get language embeddings), with popularity 0; meta.json lists them.
 DIR must lie apart from SOURCE (and from --cache_dir); --overwrite replaces only a folder that
 prepare.py wrote (its meta.json says so). Flags and DIR are checked before anything is read.
 Prints users, items, interactions, samples per split, text length and seconds.
@@ -65,10 +69,21 @@ def kcore(user, item, k):
         keep = ok
 
 
-def histories(item_seq, rows, first, L):
-    """(len(rows), L) left-padded histories: the up to L items before each row, same user only."""
-    idx = rows[:, None] + np.arange(-L, 0)  # (n, L)
-    return np.where(idx >= first[rows][:, None], item_seq[np.maximum(idx, 0)], 0)
+def histories(item_seq, end, start, L):
+    """(n, L) left-padded histories: item_seq[max(start, end - L):end] of each sample, newest last."""
+    idx = end[:, None] + np.arange(-L, 0)  # (n, L)
+    return np.where(idx >= start[:, None], item_seq[np.maximum(idx, 0)], 0)
+
+
+def choose_cold(N, frac, seed):
+    """(N+1,) bool: floor(frac N) items drawn at random, held out of training (--cold_items)."""
+    cold = np.zeros(N + 1, dtype=bool)
+    if frac:
+        if int(frac * N) == 0:
+            raise DataError(f"--cold_items {frac}: selects none of the {N} items (floor({frac} * {N}) = 0)")
+        # a stream of its own, so the users' split is the same with and without --cold_items
+        cold[1 + np.random.default_rng([seed, 1]).choice(N, int(frac * N), replace=False)] = True
+    return cold
 
 
 def build(users, items, times, texts, inter_name, meta_name, args):
@@ -105,26 +120,36 @@ def build(users, items, times, texts, inter_name, meta_name, args):
     first = np.repeat(np.cumsum(length) - length, length)  # index of each row's first interaction
     pos = np.arange(len(user)) - first  # 0-based position t-1 within its user
     n = length[user]
+    # Cold items are cut out of every history: histories index the warm interactions only, wpos[r]
+    # being how many come before row r. A sample needs one item of history, as at t = 2 otherwise.
+    cold = choose_cold(N, args.cold_items, args.seed)
+    warm = ~cold[item]
+    wpos = np.cumsum(warm) - warm
+    has_history = wpos > wpos[first]
     if args.split == "user":
         perm = np.random.default_rng(args.seed).permutation(U)
         group = np.empty(U, dtype=np.int64)
         n_train, n_valid = int(0.8 * U), int(0.1 * U)
         group[perm[:n_train]], group[perm[n_train:n_train + n_valid]], group[perm[n_train + n_valid:]] = 0, 1, 2
-        which = np.where(pos >= 1, group[user], -1)
-        popularity = np.bincount(item[group[user] == 0], minlength=N + 1)
-        history_len = length
+        which = np.where(has_history & (warm | (group[user] > 0)), group[user], -1)  # cold targets: valid, test
+        seen = warm  # what training shows of a user (a train user) or what the histories show
+        popularity = np.bincount(item[seen & (group[user] == 0)], minlength=N + 1)
     else:
-        which = np.select([pos == n - 1, pos == n - 2, pos >= 1], [2, 1, 0], -1)
-        popularity = np.bincount(item[pos <= n - 3], minlength=N + 1)
-        history_len = length - 2
+        which = np.select([pos == n - 1, pos == n - 2, warm], [2, 1, 0], -1)
+        which[~has_history] = -1
+        seen = warm & (pos <= n - 3)
+        popularity = np.bincount(item[seen], minlength=N + 1)
+    history_len = np.bincount(user[seen], minlength=U)  # without cold items: n (user), n - 2 (loo)
     splits = {}
     for k, name in enumerate(("train", "valid", "test")):
         rows = np.flatnonzero(which == k)
-        splits[name] = {"seq": histories(item, rows, first, args.max_len).astype(np.int64),
+        splits[name] = {"seq": histories(item[warm], wpos[rows], wpos[first[rows]], args.max_len).astype(np.int64),
                         "target": item[rows].astype(np.int64), "user": user[rows].astype(np.int64)}
     meta = {"num_users": int(U), "num_items": int(N), "num_interactions": int(len(user)),
             "num_samples": {s: len(a["target"]) for s, a in splits.items()},
             "item_popularity": popularity.tolist(), "user_history_len": history_len.tolist()}
+    if args.cold_items:
+        meta.update(cold_frac=args.cold_items, cold_items=np.flatnonzero(cold).tolist())
     return [{"item_id": str(i), "text": texts[i]} for i in item_ids], splits, meta
 
 
@@ -251,6 +276,8 @@ def check_flags(args):
     for flag, value, low in (("--max_len", args.max_len, 1), ("--seed", args.seed, 0), ("--kcore", args.kcore, 0)):
         if value < low:
             raise DataError(f"{flag} must be >= {low}, got {value}")
+    if not 0 <= args.cold_items < 1:  # NaN fails too
+        raise DataError(f"--cold_items must be in [0, 1), got {args.cold_items}")
 
 
 def run(args):
@@ -275,6 +302,10 @@ def run(args):
           f"{stats['num_interactions']:,} interactions")
     print("samples: " + ", ".join(f"{s} {n:,}" for s, n in stats["num_samples"].items()) +
           f" (split {args.split}, L={args.max_len}, seed {args.seed})")
+    if args.cold_items:
+        cold = set(stats["cold_items"])
+        print(f"cold items: {len(cold):,} of {stats['num_items']:,} held out of training; samples with a cold target: "
+              + ", ".join(f"{s} {np.isin(a['target'], list(cold)).sum():,}" for s, a in splits.items()))
     print(f"text length: mean {lengths.mean():.0f} chars, max {lengths.max()}; "
           f"wrote {args.out} in {time.time() - t0:.1f}s")
 
@@ -284,9 +315,11 @@ def main(argv=None):
     parser.add_argument("source", help="folder, file, .zip, or a named dataset (ml-100k, ml-1m)")
     parser.add_argument("--out", required=True, help="output folder DATA, apart from SOURCE")
     parser.add_argument("--split", choices=["user", "loo"], default="user", help="cold-start users (paper Table 2) or leave-one-out")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the user permutation (--split user), >= 0")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the user permutation (--split user) and of --cold_items, >= 0")
     parser.add_argument("--max_len", type=int, default=None, help="history length L (default 10 for user, 50 for loo)")
     parser.add_argument("--kcore", type=int, default=0, help="keep only users and items with >= K interactions (0: off)")
+    parser.add_argument("--cold_items", type=float, default=0.0, metavar="FRAC", help="hold out floor(FRAC N) random items: "
+                        "none in training or in any history; valid/test samples whose target is one are kept (0: off)")
     parser.add_argument("--format", choices=["auto", *READERS], default="auto", help="input format (default: detect)")
     parser.add_argument("--cache_dir", default="~/.cache/alphafuse", help="where named datasets are downloaded")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder that prepare.py wrote")

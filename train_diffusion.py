@@ -19,7 +19,7 @@ metrics.json) and prints the same lines.
 
 NOTE where this differs from the official code: the first DDIM step is t = T-1, not T (outside the
 trained range); schedules are computed in float64; batches are shuffled (--file_order for the
-official fixed order).
+official fixed order). Cold items (prepare.py --cold_items) keep a zero ID row, never trained.
 """
 
 import argparse
@@ -59,10 +59,12 @@ def timestep_embedding(t, d=STEP_FREQUENCIES):
 class DreamRec(torch.nn.Module):
 
     def __init__(self, item_emb, num_items, d, max_len, num_blocks, num_heads, dropout, timesteps,
-                 beta_start, beta_end, schedule, w, p_uncond, sample_steps, d_s=0, id_init="normal", init=None):
+                 beta_start, beta_end, schedule, w, p_uncond, sample_steps, d_s=0, id_init="normal", init=None, cold=()):
         super().__init__()
         self.num_items, self.T, self.w, self.p_uncond, self.sample_steps = num_items, timesteps, w, p_uncond, sample_steps
-        self.item_emb = make_item_embedding(item_emb, num_items, d, 0, d_s, id_init, False, False, init)
+        # cold items (training only): zero, untouched ID rows; DreamRec draws no negatives, and no
+        # history or target of training holds a cold item
+        self.item_emb = make_item_embedding(item_emb, num_items, d, 0, d_s, id_init, False, False, init, cold)
         self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
         self.null_c = torch.nn.Parameter(torch.randn(d))  # the unconditional "condition", N(0, 1) as the official code
         # t -> 256-d sinusoid -> Linear, GELU, Linear -> (B, d): the official DreamRec step embedding
@@ -138,8 +140,8 @@ class DreamRec(torch.nn.Module):
         return lambda seq: self.ddim_sample(self.condition(seq), generator), self.item_emb(self.all_items)
 
 
-def build_model(model_args, init=None):
-    return DreamRec(**model_args, init=init)
+def build_model(model_args, init=None, cold=()):
+    return DreamRec(**model_args, init=init, cold=cold)
 
 
 def run(args):
@@ -156,7 +158,7 @@ def run(args):
                   "dropout": args.dropout, "timesteps": args.timesteps, "beta_start": args.beta_start,
                   "beta_end": args.beta_end, "schedule": args.schedule, "w": args.w, "p_uncond": args.p_uncond,
                   "sample_steps": args.sample_steps, "d_s": dims.get("d_s", 0), "id_init": args.id_init}
-    model = build_model(model_args, init).to(device)
+    model = build_model(model_args, init, meta.get("cold_items", [])).to(device)  # prepare.py --cold_items
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     loss_fn = lambda seq, target: model.loss(seq, target, gens["noise"])
     fit(args, model, model_args, optimizer, loss_fn, gens, "dreamrec", {**vars(args), "device": device, **provenance})

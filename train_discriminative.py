@@ -27,6 +27,9 @@ official fixed order); the score function (cosine by default, as InfoNCE trains)
 training and evaluation unless --eval_score dot asks for the official raw dot product; negatives
 that hit the target are masked out instead of drawn again (--redraw_negatives for the official
 rule); evaluation runs in eval mode without gradients.
+Cold items (prepare.py --cold_items) are never touched: negatives are drawn among the warm items
+only, ce's softmax leaves them out, and their rows stay as they started: zero ID parts, llminit's
+and --train_lang's language rows (those two tables then take no weight decay, which would shrink them).
 """
 
 import argparse
@@ -48,11 +51,18 @@ from training import add_loop_args, check_loop_args, fit, interrupted, item_inpu
 class SASRec(torch.nn.Module):
 
     def __init__(self, item_emb, num_items, d, max_len, num_blocks, num_heads, dropout, score,
-                 eval_score, temperature, d_in=0, d_s=0, id_init="normal", train_lang=False, id_replace=False, init=None):
+                 eval_score, temperature, d_in=0, d_s=0, id_init="normal", train_lang=False, id_replace=False, init=None,
+                 cold=()):
         super().__init__()
         self.num_items, self.score, self.eval_score, self.temperature = num_items, score, eval_score, temperature
-        self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init)
+        self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init, cold)
         self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
+        # cold items (training only, not in the checkpoint) are no candidate of any loss: the model
+        # never learns of them, so it ranks them as items that arrive after training
+        not_warm = torch.zeros(num_items + 1, dtype=torch.bool)
+        not_warm[[0, *cold]] = True  # the padding item and the cold ones
+        self.register_buffer("cold", torch.tensor(list(cold)) if cold else None, persistent=False)  # (C,)
+        self.register_buffer("warm", (~not_warm).nonzero()[:, 0] if cold else None, persistent=False)  # (N - C,)
 
     def table(self):  # (N+1, d): every item's embedding, differentiable; row 0 (padding) is zero
         emb = self.item_emb
@@ -97,12 +107,15 @@ class SASRec(torch.nn.Module):
             u, target = self.user_state(seq, table, all_positions=True)[real], target[real]  # (P, d), (P,)
         else:
             u = self.user_state(seq, table)  # (B, d)
-        if loss == "ce":  # full softmax over the N items
-            return F.cross_entropy(self.logits(u, table, self.score)[:, 1:], target - 1)
+        if loss == "ce":  # full softmax over the N items (the warm ones)
+            logits = self.logits(u, table, self.score)  # (P, N+1)
+            if self.cold is not None:
+                logits = logits.index_fill(1, self.cold, float("-inf"))
+            return F.cross_entropy(logits[:, 1:], target - 1)
         if neg is None:
-            neg = torch.randint(1, self.num_items + 1, (len(target), neg_ratio), device=seq.device, generator=generator)
+            neg = self.draw_items((len(target), neg_ratio), generator, seq.device)
             while redraw and (hit := neg == target[:, None]).any():
-                neg[hit] = torch.randint(1, self.num_items + 1, (int(hit.sum()),), device=seq.device, generator=generator)
+                neg[hit] = self.draw_items((int(hit.sum()),), generator, seq.device)
         logits = self.sampled_logits(u, table, torch.cat([target[:, None], neg], 1), self.score)  # (P, 1+K)
         pos, neg_logits = logits[:, 0], logits[:, 1:].masked_fill(neg == target[:, None], float("-inf"))
         if loss == "infonce":  # the positive against K uniform negatives
@@ -111,9 +124,16 @@ class SASRec(torch.nn.Module):
         neg_term = (F.softplus(neg_logits) * hit).sum(1) / hit.sum(1).clamp(min=1)
         return (F.softplus(-pos) + neg_term).mean()
 
+    def draw_items(self, shape, generator, device):
+        """Uniform negatives (shape) among the items 1..N, or among the warm items only when the
+        data has cold ones."""
+        if self.warm is None:
+            return torch.randint(1, self.num_items + 1, shape, device=device, generator=generator)
+        return self.warm[torch.randint(0, len(self.warm), shape, device=device, generator=generator)]
 
-def build_model(model_args, init=None):
-    return SASRec(**model_args, init=init)
+
+def build_model(model_args, init=None, cold=()):
+    return SASRec(**model_args, init=init, cold=cold)
 
 def run(args):
     device = args.device  # checked and resolved by check_loop_args
@@ -127,9 +147,16 @@ def run(args):
                   "dropout": args.dropout, "score": args.score, "eval_score": args.eval_score or args.score,
                   "temperature": args.temperature, "d_in": dims.get("d_in", 0), "d_s": dims.get("d_s", 0),
                   "id_init": args.id_init, "train_lang": args.train_lang, "id_replace": args.id_replace}
-    model = build_model(model_args, init).to(device)
+    cold = meta.get("cold_items", [])  # prepare.py --cold_items: held out of training
+    model = build_model(model_args, init, cold).to(device)
+    # Adam adds weight_decay * p to the gradient that keep_rows zeroed, so a cold row that is not zero
+    # (llminit's table, --train_lang's language rows) would still shrink: such a table takes no weight decay
+    held = [p for p in model.item_emb.parameters() if cold and p.dim() == 2 and len(p) == meta["num_items"] + 1
+            and p[cold].any()]
+    params = [{"params": [p for p in model.parameters() if all(p is not h for h in held)]},
+              {"params": held, "weight_decay": 0.0}] if held else model.parameters()
     # fused: one kernel over all parameters (CPU and CUDA), 10x faster than the loop over them on CPU
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     loss_fn = lambda seq, target: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"],
                                              redraw=args.redraw_negatives)
     fit(args, model, model_args, optimizer, loss_fn, gens, "sasrec", {**vars(args), "device": device, **provenance})

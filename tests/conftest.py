@@ -246,9 +246,9 @@ def assert_clean_error(proc, *names, argparse_ok=False):
     return message
 
 
-def prepare_toy(root, users=60, items=40, seed=0):
-    """A small DATA folder made by prepare.py from generated RecBole atomic files: each user rates
-    3..11 distinct items in time order. Returns (DATA path, the generator for further draws)."""
+def prepare_toy(root, users=60, items=40, seed=0, flags=()):
+    """A small DATA folder made by prepare.py (with `flags`) from generated RecBole atomic files: each
+    user rates 3..11 distinct items in time order. Returns (DATA path, the generator for further draws)."""
     import prepare
     src = root / "src"
     src.mkdir()
@@ -262,7 +262,7 @@ def prepare_toy(root, users=60, items=40, seed=0):
         f.write("item_id:token\ttitle:token_seq\n")
         f.writelines(f"i{i}\tthing number {i}\n" for i in range(items))
     out = str(root / "data")
-    prepare.main([str(src), "--out", out])
+    prepare.main([str(src), "--out", out, *map(str, flags)])
     return out, rng
 
 

@@ -64,8 +64,10 @@ def sorted_ids(ids):
     return sorted(ids)
 
 
-def reference(rows, split, seed, L):
-    """The data protocol written out with plain loops: expected samples per split and meta."""
+def reference(rows, split, seed, L, cold=frozenset()):
+    """The data protocol written out with plain loops: expected samples per split and meta.
+    `cold`: item indices held out (prepare.py --cold_items): never in a history or a training
+    target, never counted; a sample needs one item of history."""
     by_user = defaultdict(list)
     for pos, (u, i, ts) in enumerate(rows):
         by_user[u].append((float(ts), pos, i))  # (time, file position) = a stable sort by time
@@ -84,20 +86,21 @@ def reference(rows, split, seed, L):
     popularity = [0] * (N + 1)
     for u, s in enumerate(seqs):
         n = len(s)
-        for t in range(2, n + 1):  # 1-based position of the target s_t
+        for t in range(1, n + 1):  # 1-based position of the target s_t
             if split == "user":
                 name = split_of[u]
             else:
                 name = "train" if t <= n - 2 else "valid" if t == n - 1 else "test"
-            history = s[max(0, t - 1 - L):t - 1]
-            samples[name].append(([0] * (L - len(history)) + history, s[t - 1], u))
+            history = [i for i in s[:t - 1] if i not in cold][-L:]
+            if history and not (name == "train" and s[t - 1] in cold):
+                samples[name].append(([0] * (L - len(history)) + history, s[t - 1], u))
         if split == "user":
             counted = s if split_of[u] == "train" else []
         else:
             counted = s[:n - 2]  # the training part of a leave-one-out sequence
         for i in counted:
-            popularity[i] += 1
-    history_len = [len(s) if split == "user" else len(s) - 2 for s in seqs]
+            popularity[i] += i not in cold
+    history_len = [sum(i not in cold for i in (s if split == "user" else s[:len(s) - 2])) for s in seqs]
     return {"users": users, "items": list(item_index), "seqs": seqs, "samples": samples,
             "popularity": popularity, "history_len": history_len}
 
