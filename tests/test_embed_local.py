@@ -1,7 +1,7 @@
 """
 embed.py and serve_embeddings.py with the real all-MiniLM-L6-v2 model: the local server in a
 subprocess on 127.0.0.1 (started once for the module), its two encodings, its OpenAI-style errors,
-and embeddings that mean something.
+embeddings that mean something, and recommend.py --new_items through it.
 
     python -m pytest -q tests/test_embed_local.py
 """
@@ -79,3 +79,35 @@ def test_local_server_rejects_bad_requests_with_openai_errors(local_server, body
     assert r.status_code == status
     err = r.json()["error"]
     assert phrase in err["message"] and err["type"] and err["code"]
+
+
+def test_recommend_new_items_through_the_local_server(tmp_path, local_server):
+    """recommend.py --new_items with the real model: a toy dataset with a quarter of its items cold
+    (never seen in training, so scored as new items), embedded by the local server, decomposed, one
+    epoch of SASRec-AlphaFuse; a new item with the text of a cold one is embedded by the same server
+    and scores as that item (MiniLM's rounding may differ by batch: 1e-4), and an unrelated new item
+    is ranked with the rest."""
+    import decompose
+    import train_discriminative
+    from conftest import prepare_toy, run_main
+    from test_recommend import parse
+
+    data, _ = prepare_toy(tmp_path, flags=("--cold_items", "0.25"))
+    embed.main([data, "--base_url", local_server])
+    decompose.main([data, "--dim", "16", "--null_dim", "8"])
+    run = str(tmp_path / "run")
+    train_discriminative.main([data, "--out", run, "--hidden_dim", "16", "--neg_ratio", "8", "--epochs", "1",
+                               "--device", "cpu"])
+    items = [json.loads(line) for line in open(f"{data}/items.jsonl")]
+    cold = json.load(open(f"{data}/meta.json"))["cold_items"][0] - 1  # its line in items.jsonl
+    new = tmp_path / "new.jsonl"
+    new.write_text(json.dumps({"item_id": "twin", "text": items[cold]["text"]}) + "\n"
+                   + json.dumps({"item_id": "fresh", "text": "a wooden toy train with three carriages"}) + "\n")
+    history = next(it["item_id"] for k, it in enumerate(items) if k != cold)
+    proc = run_main("recommend.py", run, "--history", history, "--new_items", new, "--k", len(items) + 2,
+                    "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    scores = {i: s for _, i, s, _ in parse(proc.stdout)}
+    assert len(scores) == len(items) + 1  # every item and both new ones, less the history's one
+    assert scores["twin"] == pytest.approx(scores[items[cold]["item_id"]], abs=1e-4)
+    assert "all-MiniLM-L6-v2" in proc.stderr
