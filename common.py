@@ -131,15 +131,23 @@ def read_items(data_dir):
     return items
 
 
-def load_meta(data_dir):
-    path = os.path.join(data_dir, "meta.json")
+def read_json(path, missing="file not found"):
+    """The JSON document in `path`; DataError '{path}: {missing}' when there is no such file, and
+    one naming the file for anything else unreadable."""
     try:
         with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found (run prepare.py first)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: {missing}") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
         raise DataError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror})") from None
+
+
+def load_meta(data_dir):
+    path = os.path.join(data_dir, "meta.json")
+    meta = read_json(path, "file not found (run prepare.py first)")
     if not isinstance(meta, dict):
         raise DataError(f"{path}: expected a JSON object, got a {type(meta).__name__}")
     for key in ("num_items", "max_len", "item_popularity", "user_history_len"):

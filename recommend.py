@@ -148,13 +148,7 @@ def new_item_rows(args, model, ckpt, data_dir):
 def embed_texts(args, parser, data_dir, texts, d_l):
     """The new items' texts -> (M, d_l) float32 through the endpoint and model of DATA/lang_emb.json."""
     path = os.path.join(data_dir, "lang_emb.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            info = json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found, so the model that embedded the items is unknown (embed.py writes it)") from None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: not readable JSON ({e})") from None
+    info = common.read_json(path, "not found, so the model that embedded the items is unknown (embed.py writes it)")
     if not isinstance(info, dict) or not isinstance(info.get("model"), str):
         raise DataError(f"{path}: expected an object with the embedding model's name")
     if info.get("dimension") != d_l:

@@ -266,6 +266,21 @@ def prepare_toy(root, users=60, items=40, seed=0, flags=()):
     return out, rng
 
 
+def prepare_embedded_toy(root, flags=()):
+    """prepare_toy's DATA with lang_emb.npy (N, 24) whose last 12 coordinates are tiny, subspace.pt
+    (d = 16, d_n = 8, for SASRec) and subspace_dreamrec.pt (--null_thres 0.25: d = 24, the tiny
+    directions as the null space, for DreamRec). Returns DATA."""
+    import decompose
+    out, rng = prepare_toy(root, flags=flags)
+    with open(os.path.join(out, "meta.json")) as f:
+        n = json.load(f)["num_items"]
+    emb = rng.standard_normal((n, 24)) * np.r_[np.ones(12), np.full(12, 1e-3)]
+    np.save(os.path.join(out, "lang_emb.npy"), emb.astype(np.float32))
+    decompose.main([out, "--dim", "16", "--null_dim", "8"])
+    decompose.main([out, "--null_thres", "0.25", "--out", os.path.join(out, "subspace_dreamrec.pt")])
+    return out
+
+
 def read_log(run):
     """RUN/log.jsonl as a list of dicts."""
     with open(os.path.join(run, "log.jsonl")) as f:

@@ -14,10 +14,9 @@ import pytest
 import torch
 
 import common
-import decompose
 import train_diffusion
 import train_discriminative
-from conftest import prepare_toy
+from conftest import prepare_embedded_toy
 from model import SampledScores, load_subspace
 
 torch.set_num_threads(1)
@@ -27,16 +26,8 @@ SMALL = ["--hidden_dim", "16", "--neg_ratio", "8", "--batch_size", "64", "--devi
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """A toy DATA with a quarter of its items cold, random lang_emb.npy (N, 24), subspace.pt
-    (d = 16, d_n = 8) and subspace_dreamrec.pt (d = d_l = 24, null space by threshold)."""
-    root = tmp_path_factory.mktemp("cold")
-    out, rng = prepare_toy(root, flags=["--cold_items", "0.25"])
-    n = common.load_meta(out)["num_items"]
-    emb = rng.standard_normal((n, 24)) * np.r_[np.ones(12), np.full(12, 1e-3)]
-    np.save(os.path.join(out, "lang_emb.npy"), emb.astype(np.float32))
-    decompose.main([out, "--dim", "16", "--null_dim", "8"])
-    decompose.main([out, "--null_thres", "0.25", "--out", os.path.join(out, "subspace_dreamrec.pt")])
-    return out
+    """conftest.prepare_embedded_toy with a quarter of its items cold."""
+    return prepare_embedded_toy(tmp_path_factory.mktemp("cold"), flags=["--cold_items", "0.25"])
 
 
 def sasrec(cold=(), item_emb="alphafuse", N=40, seed=0, **kw):

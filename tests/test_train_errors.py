@@ -27,9 +27,8 @@ import pytest
 import torch
 
 import common
-import decompose
 from model import save_checkpoint
-from conftest import REPO, assert_clean_error, prepare_toy, read_log, run_main, run_script
+from conftest import prepare_embedded_toy, REPO, assert_clean_error, read_log, run_main, run_script
 
 SMALL = {"train_discriminative.py": ["--hidden_dim", "16", "--neg_ratio", "8", "--batch_size", "64", "--device", "cpu", "--epochs", "1"],
          "train_diffusion.py": ["--hidden_dim", "16", "--batch_size", "64", "--timesteps", "50", "--sample_steps", "5",
@@ -39,15 +38,8 @@ BOTH = list(SMALL)
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """DATA with lang_emb.npy (N, 24) whose last 12 coordinates are tiny, subspace.pt (d = 16, for
-    SASRec) and subspace_dreamrec.pt (--null_thres 0.25, d = 24, for DreamRec)."""
-    out, rng = prepare_toy(tmp_path_factory.mktemp("errors"))
-    n = common.load_meta(out)["num_items"]
-    emb = rng.standard_normal((n, 24)) * np.r_[np.ones(12), np.full(12, 1e-3)]
-    np.save(os.path.join(out, "lang_emb.npy"), emb.astype(np.float32))
-    decompose.main([out, "--dim", "16", "--null_dim", "8"])
-    decompose.main([out, "--null_thres", "0.25", "--out", os.path.join(out, "subspace_dreamrec.pt")])
-    return out
+    """conftest.prepare_embedded_toy: lang_emb.npy, subspace.pt (SASRec), subspace_dreamrec.pt."""
+    return prepare_embedded_toy(tmp_path_factory.mktemp("errors"))
 
 
 def train(script, data, run, *flags, process=False):
