@@ -63,6 +63,13 @@ def shared_data():
     return SHARED_DATA
 
 
+def default_sigint():
+    """Popen's preexec_fn for a command a test will Ctrl-C: SIGINT back to its default action in
+    the child. A pytest started in the background (nohup, `&`) inherits SIGINT ignored, which bash
+    and Python then keep (no trap, no KeyboardInterrupt), so the command would never stop."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def kill_group(proc, grace=10):
     """SIGTERM to proc's process group (proc started with start_new_session=True), SIGKILL to what
     is left after `grace` seconds; the group's members that a script left behind go with it."""

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import report
-from conftest import REPO, assert_clean_error, prepare_toy, read_json, read_log, run_command, run_script
+from conftest import default_sigint, REPO, assert_clean_error, prepare_toy, read_json, read_log, run_command, run_script
 
 MAIN_ROWS = ["Popularity", "SASRec (ID)", "LLMInit", "MoRec", "WhitenRec", "AlphaFuse (SASRec)",
              "DreamRec (ID)", "AlphaFuse (DreamRec)"]
@@ -184,7 +184,7 @@ def test_ctrl_c_is_one_line_and_the_rerun_continues(repro):
                OUT=str(root / "runs_int"), DOCS=str(root / "docs_int"), DATASETS="toy", ABLATE="none",
                SEEDS="0 1", SASREC="id", DREAMREC="", EPOCHS="1000", PATIENCE="1000", JOBS="2")
     proc = subprocess.Popen(["bash", os.path.join(REPO, "reproduce.sh")], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True, preexec_fn=default_sigint)
     try:
         deadline = time.time() + HANG_TIMEOUT  # a guard against a hang only
         while not (runs / "sasrec_id_s0" / "last.pt").exists() and time.time() < deadline and proc.poll() is None:

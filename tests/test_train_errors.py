@@ -28,7 +28,7 @@ import torch
 
 import common
 from model import save_checkpoint
-from conftest import prepare_embedded_toy, REPO, assert_clean_error, read_log, run_main, run_script
+from conftest import default_sigint, prepare_embedded_toy, REPO, assert_clean_error, read_log, run_main, run_script
 
 SMALL = {"train_discriminative.py": ["--hidden_dim", "16", "--neg_ratio", "8", "--batch_size", "64", "--device", "cpu", "--epochs", "1"],
          "train_diffusion.py": ["--hidden_dim", "16", "--batch_size", "64", "--timesteps", "50", "--sample_steps", "5",
@@ -190,7 +190,7 @@ def test_ctrl_c_is_one_line_keeps_the_last_epoch_and_the_rerun_continues(data, t
     cmd = [sys.executable, "-u", os.path.join(REPO, script), data, "--out", run, *SMALL[script], "--epochs", "1000",
            "--patience", "1000"]
     proc = subprocess.Popen([str(c) for c in cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=default_sigint)
     try:
         for line in proc.stdout:  # the first epoch's line: last.pt holds epoch 1 or later
             if line.startswith("epoch   1 |") and "loss" in line:
