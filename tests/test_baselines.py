@@ -1,7 +1,8 @@
 """What makes each baseline's item embedding the paper's. UniSRec (model.MoEAdaptorEmbedding): the
 language vectors are a frozen buffer while every expert's b_k and W_k and the gate's W_2 and W_3
 train; the gate is a softmax over the G experts, noisy in training only; the items are
-sum_k g_k (x - b_k) W_k, one whitening layer (x - b) W when G = 1; the padding row is zero.
+sum_k g_k (x - b_k) W_k, one whitening layer (x - b) W when G = 1; the experts' input has dropout
+in training only; the padding row is zero.
 
     cd /work/main && python -m pytest -q tests/test_baselines.py
 """
@@ -75,6 +76,19 @@ def test_unisrec_items_are_the_gated_sum_of_whitening_layers(G):
     g = (x @ emb.W_gate).softmax(-1)  # (N, G)
     want = (x - emb.b[0]) @ emb.W[:, 0] if G == 1 else sum(g[:, k, None] * ((x - emb.b[k]) @ emb.W[:, k]) for k in range(G))
     torch.testing.assert_close(emb.table()[1:], want)
+
+
+def test_unisrec_experts_read_the_input_through_dropout_in_training_only():
+    """With G = 1 (g = 1 whatever the noise), W = I and b = 0 the item is its input to the expert:
+    in training the language vector with about 20% of its entries zeroed and the rest scaled by
+    1/0.8 (the authors' adaptor dropout), in evaluation the language vector itself."""
+    emb = unisrec(G=1, d=24).item_emb
+    with torch.no_grad():
+        emb.W[:, 0] = torch.eye(24)
+    x, v = emb.features[1:], emb.train().table()[1:]
+    assert abs((v == 0).float().mean().item() - 0.2) < 0.05
+    torch.testing.assert_close(v[v != 0], x[v != 0] / 0.8)
+    assert torch.equal(emb.eval().table()[1:], x)
 
 
 def test_unisrec_padding_row_is_zero():
