@@ -367,30 +367,73 @@ class FusedItemEmbedding(torch.nn.Module):
 # ---- the baselines' item embeddings, and the choice among all of them
 
 class AdapterEmbedding(torch.nn.Module):
-    """Frozen item features (N+1, d_in) -> Linear, GELU, Linear -> (N+1, d) (MoRec, WhitenRec)."""
+    """Frozen item features (N+1, d_in) -> adapt -> (N+1, d); the padding row 0 stays zero. MoRec and
+    WhitenRec adapt with Linear, GELU, Linear."""
 
     def __init__(self, features, d):
         super().__init__()
         self.register_buffer("features", features)
         self.mlp = torch.nn.Sequential(torch.nn.Linear(features.shape[1], d), torch.nn.GELU(), torch.nn.Linear(d, d))
 
+    def adapt(self, x):  # (..., d_in) -> (..., d)
+        return self.mlp(x)
+
     def forward(self, idx):
-        return self.mlp(self.features[idx]) * (idx > 0)[..., None]  # padding stays zero
+        return self.adapt(self.features[idx]) * (idx > 0)[..., None]  # padding stays zero
 
     def table(self):  # (N+1, d): every item at once
         return self.forward(torch.arange(len(self.features), device=self.features.device))
 
 
-def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None, cold=()):
+class MoEAdaptorEmbedding(AdapterEmbedding):
+    """UniSRec's item representation (Hou et al., "Towards Universal Sequence Representation Learning
+    for Recommender Systems", KDD 2022, Sec. 2.2): the frozen language vector x (d_l) of an item's
+    text passes through G parametric whitening experts, eq. 2: x~_k = (x - b_k) W_k with b_k (d_l) and
+    W_k (d_l, d) learned, no bias; a gate mixes them, eqs. 3-5: v = sum_k g_k x~_k,
+    g = softmax(x W_2 + delta), delta = N(0, 1) * softplus(x W_3), the noise only in training.
+    v alone is the item (the paper's inductive setting: no ID embedding), so a new item's text gives
+    its row. Fine-tuning only: the adaptor trains with the sequence encoder on the target data, with
+    no pre-training on other domains. Defaults as the UniSRec authors' code (props/UniSRec.yaml,
+    unisrec.py), which the AlphaFuse code repeats: G = 8, dropout 0.2 on the experts' input (the
+    gate reads the clean x), W_k ~ N(0, 0.02^2), b_k = W_2 = W_3 = 0.
+    NOTE: one dropout mask serves all G experts (theirs draws one per expert), so that the G
+    products are one; delta has no + 1e-2 (their code's, not the paper's)."""
+
+    def __init__(self, features, d, experts=8, dropout=0.2):
+        torch.nn.Module.__init__(self)  # AdapterEmbedding's forward and table, not its MLP
+        self.register_buffer("features", features)
+        d_l = features.shape[1]
+        self.W = torch.nn.Parameter(torch.randn(d_l, experts, d) * 0.02)  # W_k = W[:, k]
+        self.b = torch.nn.Parameter(torch.zeros(experts, d_l))  # b_k
+        self.W_gate = torch.nn.Parameter(torch.zeros(d_l, experts))  # W_2
+        self.W_noise = torch.nn.Parameter(torch.zeros(d_l, experts))  # W_3
+        self.drop = Dropout(dropout)
+
+    def gate(self, x):  # (..., d_l) -> g (..., G), eqs. 4-5
+        logits = x @ self.W_gate
+        if self.training:
+            logits = logits + torch.randn_like(logits) * F.softplus(x @ self.W_noise)
+        return logits.softmax(-1)
+
+    def adapt(self, x):  # (..., d_l) -> v (..., d), eqs. 2-3, with (x - b_k) W_k = x W_k - b_k W_k
+        d_l, G, d = self.W.shape  # all experts in one product: W viewed as (d_l, G d)
+        experts = (self.drop(x) @ self.W.view(d_l, G * d)).unflatten(-1, (G, d)) - torch.einsum("gl,lgd->gd", self.b, self.W)
+        return (self.gate(x)[..., None] * experts).sum(-2)  # (..., G, d) -> (..., d)
+
+
+def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None, cold=(),
+                        experts=8):
     """The item embedding module; `init` is the language tensor it is built on (zeros as a
     placeholder when rebuilding from a checkpoint, whose state_dict then fills it). The `cold` items'
-    rows (training only) never change: zero ID rows, as a new item's; llminit's language rows."""
-    if item_emb in ("alphafuse", "llminit", "morec", "whitenrec") and init is None:
-        init = torch.zeros(num_items + 1, d_in if item_emb in ("morec", "whitenrec") else d)
+    rows (training only) never change: zero ID rows, as a new item's; llminit's language rows.
+    `experts`: unisrec's G."""
+    adapter = item_emb in ("morec", "whitenrec", "unisrec")
+    if item_emb != "id" and init is None:
+        init = torch.zeros(num_items + 1, d_in if adapter else d)
     if item_emb == "alphafuse":
         return FusedItemEmbedding(init, d_s, id_init, train_lang, id_replace, cold)
-    if item_emb in ("morec", "whitenrec"):
-        return AdapterEmbedding(init, d)
+    if adapter:
+        return MoEAdaptorEmbedding(init, d, experts) if item_emb == "unisrec" else AdapterEmbedding(init, d)
     table = torch.nn.Embedding(num_items + 1, d, padding_idx=0)
     keep_rows(table.weight, cold)  # padding_idx guards lookups; table() is read directly
     with torch.no_grad():

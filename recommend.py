@@ -26,8 +26,9 @@ client, one request of up to 32 texts at a time; --base_url overrides the record
 from --api_key_env), and each vector e becomes what the item embedding would hold for it:
   alphafuse  E_lang = (scale * e - mean) @ V with the run's subspace (decompose.py's projection),
              plus a zero ID part: e_new = [E_lang[:d_s], E_lang[d_s:] + 0] (also with --train_lang)
-  morec      the adapter applied to e;  whitenrec  the adapter applied to e whitened with the mean
-             and covariance of DATA/lang_emb.npy, recomputed as the trainer computes them
+  morec, unisrec  the adapter (unisrec: its MoE adaptor) applied to e
+  whitenrec  the adapter applied to e whitened with the mean and covariance of DATA/lang_emb.npy,
+             recomputed as the trainer computes them
   id, llminit (a trained row per item) cannot: one error line. A history may name new items too.
 Training keeps a cold item's row (prepare.py --cold_items) the same way, so its text scores as it.
 """
@@ -114,8 +115,8 @@ def encode_history(ids, index, L, where):
 
 def new_item_rows(args, model, ckpt, data_dir):
     """(d_l, f): f maps language vectors (M, d_l) to what the item embedding stores for new items:
-    alphafuse's language coordinates, or morec's and whitenrec's adapter inputs. Checks that the
-    subspace or lang_emb.npy is the one the run was trained with."""
+    alphafuse's language coordinates, or the adapter inputs of morec, unisrec and whitenrec. Checks
+    that the subspace or lang_emb.npy is the one the run was trained with."""
     emb, kind = model.item_emb, ckpt["model_args"].get("item_emb")
     if hasattr(emb, "id_emb"):  # alphafuse
         path = args.subspace or ckpt["config"].get("subspace")
@@ -133,7 +134,7 @@ def new_item_rows(args, model, ckpt, data_dir):
         mean, V = sub["mean"].numpy(), sub["projection"].numpy()
         return len(mean), lambda e: decompose.project(e, mean, V, scale)[1:]
     d_l = emb.features.shape[1]
-    if kind == "morec":  # the raw vectors
+    if kind in ("morec", "unisrec"):  # the raw vectors
         return d_l, lambda e: e
     path = os.path.join(data_dir, "lang_emb.npy")  # whitenrec: the trainer's whitening, recomputed
     lang = decompose.open_lang_emb(path)

@@ -1,6 +1,7 @@
 """
 Train DreamRec (a conditional diffusion model that generates the next item's embedding) with
-AlphaFuse item embeddings or an ID table, then evaluate the best checkpoint once on test.
+AlphaFuse item embeddings, an ID table or UniSRec's MoE adaptor (--item_emb unisrec, as in
+train_discriminative.py), then evaluate the best checkpoint once on test.
 
     python decompose.py data/toys --null_thres 0.25 --out data/toys/subspace_dreamrec.pt   # d = d_l
     python train_diffusion.py data/toys --out runs/toys_dreamrec --subspace data/toys/subspace_dreamrec.pt
@@ -59,12 +60,13 @@ def timestep_embedding(t, d=STEP_FREQUENCIES):
 class DreamRec(torch.nn.Module):
 
     def __init__(self, item_emb, num_items, d, max_len, num_blocks, num_heads, dropout, timesteps,
-                 beta_start, beta_end, schedule, w, p_uncond, sample_steps, d_s=0, id_init="normal", init=None, cold=()):
+                 beta_start, beta_end, schedule, w, p_uncond, sample_steps, d_s=0, id_init="normal", init=None, cold=(),
+                 d_in=0, experts=8):
         super().__init__()
         self.num_items, self.T, self.w, self.p_uncond, self.sample_steps = num_items, timesteps, w, p_uncond, sample_steps
         # cold items (training only): zero, untouched ID rows; DreamRec draws no negatives, and no
         # history or target of training holds a cold item
-        self.item_emb = make_item_embedding(item_emb, num_items, d, 0, d_s, id_init, False, False, init, cold)
+        self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, False, False, init, cold, experts)
         self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
         self.null_c = torch.nn.Parameter(torch.randn(d))  # the unconditional "condition", N(0, 1) as the official code
         # t -> 256-d sinusoid -> Linear, GELU, Linear -> (B, d): the official DreamRec step embedding
@@ -158,6 +160,8 @@ def run(args):
                   "dropout": args.dropout, "timesteps": args.timesteps, "beta_start": args.beta_start,
                   "beta_end": args.beta_end, "schedule": args.schedule, "w": args.w, "p_uncond": args.p_uncond,
                   "sample_steps": args.sample_steps, "d_s": dims.get("d_s", 0), "id_init": args.id_init}
+    if args.item_emb == "unisrec":  # only then: other runs' model_args, which --resume compares, stay as they were
+        model_args.update(d_in=dims["d_in"], experts=args.experts)
     model = build_model(model_args, init, meta.get("cold_items", [])).to(device)  # prepare.py --cold_items
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     loss_fn = lambda seq, target: model.loss(seq, target, gens["noise"])
@@ -169,9 +173,10 @@ def main(argv=None):
     p.add_argument("data", help="prepared dataset folder DATA (prepare.py)")
     p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
     p.add_argument("--subspace", default=None, help="decompose.py output with d = d_l (default DATA/subspace_dreamrec.pt)")
-    p.add_argument("--item_emb", choices=["alphafuse", "id"], default="alphafuse", help="item embedding: AlphaFuse or an ID table")
+    p.add_argument("--item_emb", choices=["alphafuse", "id", "unisrec"], default="alphafuse", help="item embedding: AlphaFuse, an ID table, or UniSRec's MoE adaptor of DATA/lang_emb.npy")
+    p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors")
-    p.add_argument("--hidden_dim", type=int, default=128, help="d of the id table (alphafuse takes d = d_l from --subspace)")
+    p.add_argument("--hidden_dim", type=int, default=128, help="d of the id table and of unisrec's adaptor (alphafuse takes d = d_l from --subspace)")
     # diffusion
     p.add_argument("--timesteps", type=int, default=2000, help="T, diffusion steps")
     p.add_argument("--beta_start", type=float, default=1e-4, help="beta_1 of the linear schedule")

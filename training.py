@@ -32,12 +32,12 @@ def item_inputs(args, meta):
             raise DataError(f"{args.subspace}: d = {d} is not divisible by --num_heads {args.num_heads}")
         return sub["lang_emb"], {"d_s": sub["d_s"], "hidden_dim": d}, \
             {"subspace": args.subspace, "subspace_settings": sub.get("settings"), "lang_emb_sha256": sub.get("lang_emb_sha256")}
-    if args.item_emb in ("morec", "whitenrec"):
+    if args.item_emb in ("morec", "whitenrec", "unisrec"):
         path = os.path.join(args.data, "lang_emb.npy")
         emb = decompose.open_lang_emb(path)
         if len(emb) != N:
             raise DataError(f"{path}: {len(emb)} rows, meta.json says {N} items")
-        if args.item_emb == "morec":
+        if args.item_emb != "whitenrec":  # morec and unisrec adapt the raw vectors
             features = np.concatenate([np.zeros((1, emb.shape[1]), np.float32), np.asarray(emb, np.float32)])
         else:
             mean, Sigma = decompose.weighted_covariance(emb, path=path)
@@ -231,7 +231,8 @@ def add_loop_args(p):
 
 
 # the intervals of the shared flags: seeds are NumPy's; above ~3e37 a float32 Adam step overflows
-LOOP_RANGES = {**dict.fromkeys(("hidden_dim", "num_blocks", "num_heads", "batch_size", "epochs", "patience", "eval_every"), "[1, inf)"),
+LOOP_RANGES = {**dict.fromkeys(("hidden_dim", "num_blocks", "num_heads", "batch_size", "epochs", "patience", "eval_every",
+                                "experts"), "[1, inf)"),
                "dropout": "[0, 1)", "lr": "(0, 1e37)", "weight_decay": "[0, 1e37)", "seed": "[0, 4294967296)"}
 
 

@@ -32,7 +32,7 @@ def data(tmp_path_factory):
 
 def sasrec(cold=(), item_emb="alphafuse", N=40, seed=0, **kw):
     torch.manual_seed(seed)
-    init = torch.randn(N + 1, {"morec": 24, "whitenrec": 24}.get(item_emb, 16))
+    init = torch.randn(N + 1, {"morec": 24, "whitenrec": 24, "unisrec": 24}.get(item_emb, 16))
     init[0] = 0
     args = dict(item_emb=item_emb, num_items=N, d=16, max_len=6, num_blocks=1, num_heads=2, dropout=0.0,
                 score="cosine", eval_score="cosine", temperature=0.07, d_in=24, d_s=8, **kw)
@@ -81,7 +81,7 @@ def test_no_negative_is_cold(monkeypatch, redraw):
     assert counts.min() > 0.8 * counts.float().mean() and (neg != target[:, None]).all() == redraw
 
 
-@pytest.mark.parametrize("item_emb", ["alphafuse", "id", "llminit", "morec", "whitenrec"])
+@pytest.mark.parametrize("item_emb", ["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec"])
 @pytest.mark.parametrize("loss", ["infonce", "ce", "bce"])
 def test_the_loss_does_not_depend_on_the_cold_rows(item_emb, loss):
     """Changing the cold items' rows (their language rows, ID parts, table rows or adapter

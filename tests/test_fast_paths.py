@@ -29,7 +29,7 @@ torch.set_num_threads(1)
 def sasrec(item_emb="alphafuse", N=300, d=16, L=6, blocks=1, dropout=0.0, seed=0):
     torch.manual_seed(seed)
     init = {"alphafuse": torch.randn(N + 1, d), "llminit": torch.randn(N + 1, d),
-            "morec": torch.randn(N + 1, 24), "whitenrec": torch.randn(N + 1, 24)}.get(item_emb)
+            "morec": torch.randn(N + 1, 24), "whitenrec": torch.randn(N + 1, 24), "unisrec": torch.randn(N + 1, 24)}.get(item_emb)
     if init is not None:
         init[0] = 0
     args = dict(item_emb=item_emb, num_items=N, d=d, max_len=L, num_blocks=blocks, num_heads=2, dropout=dropout,
@@ -48,18 +48,22 @@ def batch(N=300, B=40, L=6, K=8, seed=1):
     return seq, target, neg
 
 
-@pytest.mark.parametrize("item_emb", ["alphafuse", "id", "llminit", "morec", "whitenrec"])
+@pytest.mark.parametrize("item_emb", ["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec"])
 @pytest.mark.parametrize("blocks", [1, 2])
 def test_loss_and_gradients_equal_the_obvious_implementation(item_emb, blocks):
     """For a fixed batch and fixed negatives, the fast InfoNCE (last-position-only last block,
     one item table per step, gathered dot products, cosine by the norms afterwards) gives the
-    loss and every parameter's gradient of the obvious one to 1e-5."""
+    loss and every parameter's gradient of the obvious one to 1e-5. The item embedding runs in eval
+    mode: unisrec's dropout and gate noise would be drawn for the table in one, per lookup in the
+    other (its noise weights then get no gradient: zeros in both)."""
     model = sasrec(item_emb, blocks=blocks).train()
+    model.item_emb.eval()
     seq, target, neg = batch()
+    params = [p for p in model.parameters() if p.requires_grad]
     fast = model.loss(seq, target, "infonce", 0, None, neg=neg)
-    fast_grads = torch.autograd.grad(fast, [p for p in model.parameters() if p.requires_grad])
+    fast_grads = torch.autograd.grad(fast, params, materialize_grads=True)
     slow = reference.loss(model, seq, target, neg)
-    slow_grads = torch.autograd.grad(slow, [p for p in model.parameters() if p.requires_grad])
+    slow_grads = torch.autograd.grad(slow, params, materialize_grads=True)
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     for name, a, b in zip(names, fast_grads, slow_grads):
@@ -163,7 +167,7 @@ def test_threads_and_progress_lines(tmp_path, capsys):
     assert len(steps) >= 2 and all("windows/s" in line and "ETA" in line for line in steps), out
 
 
-@pytest.mark.parametrize("item_emb", ["alphafuse", "id", "llminit"])
+@pytest.mark.parametrize("item_emb", ["alphafuse", "id", "llminit", "unisrec"])
 def test_padding_row_stays_zero_when_the_whole_table_is_trained(item_emb):
     """table() is read whole (not by padding-aware lookups); row 0, the padding item, still gets
     no gradient and stays the zero vector through Adam steps on a loss that touches it."""

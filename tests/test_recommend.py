@@ -286,10 +286,10 @@ def test_the_recorded_endpoint_is_used_without_base_url(toy, server, tmp_path):
     assert srv.payloads[before]["input"] == texts
 
 
-@pytest.mark.parametrize("kind", ["morec", "whitenrec"])
+@pytest.mark.parametrize("kind", ["morec", "whitenrec", "unisrec"])
 def test_adapter_models_score_a_new_twin_as_its_known_item(toy, server, tmp_path, kind):
-    """morec and whitenrec embed an item by their adapter of its language vector alone, so a new
-    item with the text of a known one gets exactly that item's score."""
+    """morec, whitenrec and unisrec embed an item by their adapter of its language vector alone, so
+    a new item with the text of a known one gets exactly that item's score."""
     path, _ = new_items(tmp_path, toy, twin=5)
     N = toy.meta["num_items"]
     proc = recommend_cli(toy.runs[kind], "--history", toy.ids[20], "--new_items", path, "--base_url", server[1],

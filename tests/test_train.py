@@ -49,7 +49,7 @@ def train(data, out, *flags, epochs=1):
 
 
 @pytest.mark.parametrize("item_emb,loss", [("alphafuse", "infonce"), ("id", "infonce"), ("llminit", "infonce"),
-                                           ("morec", "infonce"), ("whitenrec", "infonce"),
+                                           ("morec", "infonce"), ("whitenrec", "infonce"), ("unisrec", "infonce"),
                                            ("alphafuse", "ce"), ("alphafuse", "bce")])
 def test_one_epoch_smoke(data, tmp_path, item_emb, loss):
     """One epoch writes ckpt.pt, last.pt, log.jsonl (finite loss) and metrics.json (test, every
