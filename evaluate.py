@@ -106,16 +106,6 @@ def open_run(path, device, data=None):
     return ckpt, data_dir, meta
 
 
-def check_new_items(model, ckpt, path):
-    """An item the model was not trained on can be scored by an item embedding built on language
-    vectors (alphafuse: its language coordinates and a zero ID part; morec, whitenrec, unisrec: the
-    adapter applied to its vector), never by a table with one trained row per item (id, llminit)."""
-    if isinstance(model.item_emb, torch.nn.Embedding):
-        raise DataError(f"{path}: its item embedding '{ckpt['model_args'].get('item_emb')}' is a table with one "
-                        "trained row per item, so it cannot score items it was not trained on (alphafuse, morec, "
-                        "whitenrec and unisrec can)")
-
-
 def load_trained(args):
     """CKPT -> (scorer, DATA, meta.json, checkpoint), the checkpoint checked against DATA."""
     ckpt, data_dir, meta = open_run(args.ckpt, args.device, args.data)

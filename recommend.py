@@ -47,7 +47,7 @@ import common
 import decompose
 import embed
 from common import DataError
-from evaluate import check_new_items, load_model, open_run
+from evaluate import load_model, open_run
 from model import check_device, load_subspace
 
 EMBED_BATCH = 32  # texts per request: the smallest default of the servers embed.py names (TEI)
@@ -112,6 +112,16 @@ def encode_history(ids, index, L, where):
 
 # -----------------------------------------------------------------------------
 # new items: language vectors -> the rows the item embedding stores -> appended to the model
+
+def check_new_items(model, ckpt, path):
+    """An item the model was not trained on can be scored by an item embedding built on language
+    vectors (alphafuse: its language coordinates and a zero ID part; morec, whitenrec, unisrec: the
+    adapter applied to its vector), never by a table with one trained row per item (id, llminit)."""
+    if isinstance(model.item_emb, torch.nn.Embedding):
+        raise DataError(f"{path}: its item embedding '{ckpt['model_args'].get('item_emb')}' is a table with one "
+                        "trained row per item, so it cannot score items it was not trained on (alphafuse, morec, "
+                        "whitenrec and unisrec can)")
+
 
 def new_item_rows(args, model, ckpt, data_dir):
     """(d_l, f): f maps language vectors (M, d_l) to what the item embedding stores for new items:

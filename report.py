@@ -69,11 +69,10 @@ def read_log(path):
 
 def read_test(path):
     """metrics.json (evaluate.py) -> its test split {group: {metric: value}}."""
-    with open(path) as f:
-        try:
-            return json.load(f)["test"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise DataError(f"{path}: not a metrics.json of the test split ({e})")
+    metrics = common.read_json(path)
+    if not isinstance(metrics, dict) or not isinstance(metrics.get("test"), dict):
+        raise DataError(f"{path}: not a metrics.json of the test split (no 'test' object)")
+    return metrics["test"]
 
 
 def collect(dataset_dir):

@@ -38,7 +38,7 @@ DIFF_EPOCHS=${DIFF_EPOCHS:-200}  # DreamRec, at most
 DIFF_LR=${DIFF_LR:-1e-5}         # the official DreamRec learning rate
 JOBS=${JOBS:-1}
 OUT=${OUT:-runs/repro}
-RESULTS=${RESULTS:-}              # if set: each finished run's log.jsonl and metrics.json are copied to RESULTS/NAME/RUN (small, for git)
+RESULTS=${RESULTS:-}              # if set: each finished run's log.jsonl and metrics*.json are copied to RESULTS/NAME/RUN (small, for git)
 $PY -c "import matplotlib" 2>/dev/null || { echo "error: $PY has no matplotlib for the plots: $PY -m pip install -r requirements-dev.txt" >&2; exit 1; }
 mkdir -p $DOCS
 THREADS=${THREADS:-$(( $(nproc) / JOBS > 0 ? $(nproc) / JOBS : 1 ))}  # torch threads of each run
