@@ -2,8 +2,8 @@
 What every stage shares, without torch (so prepare.py and embed.py start in a fraction of a second):
 errors for bad input, atomic output, the loaders of the files that prepare.py writes (every loader
 checks shapes, dtypes, the item count N and the user count U, and names the file when something
-is wrong), and the group means and table of per-sample metrics. The torch side (metrics, models,
-checkpoints) is model.py.
+is wrong), and the group means and table of per-sample metrics. The torch side is model.py (metrics,
+encoder, checkpoints) and embeddings.py (the item embeddings).
 
 Files of a prepared dataset folder DATA (item index 0 is padding, real items are 1..N):
     items.jsonl   N lines {"item_id": str, "text": str}; line i describes item i+1

@@ -48,7 +48,8 @@ import decompose
 import embed
 from common import DataError
 from evaluate import load_model, open_run
-from model import check_device, load_subspace
+from embeddings import load_subspace
+from model import check_device
 
 EMBED_BATCH = 32  # texts per request: the smallest default of the servers embed.py names (TEI)
 

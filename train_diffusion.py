@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 import common
 from common import DataError
-from model import SASRecEncoder, make_item_embedding, seed_everything
+from embeddings import make_item_embedding
+from model import SASRecEncoder, seed_everything
 from training import add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults
 
 

@@ -13,7 +13,7 @@ item embedding, then evaluate the best checkpoint once on test.
              morec      frozen raw language embeddings (lang_emb.npy) -> MLP adapter
              whitenrec  frozen whitened language embeddings (all d_l directions) -> MLP adapter
              unisrec    frozen raw language embeddings -> UniSRec's MoE adaptor of --experts
-                        parametric whitening layers (model.MoEAdaptorEmbedding)
+                        parametric whitening layers (embeddings.MoEAdaptorEmbedding)
 Reads  DATA/{train,valid,test}.npz, DATA/meta.json, and --subspace (alphafuse, llminit) or
        DATA/lang_emb.npy (morec, whitenrec, unisrec).
 Writes RUN/ckpt.pt (best validation NDCG@20), RUN/last.pt (latest epoch, for --resume),
@@ -43,7 +43,8 @@ import torch.nn.functional as F
 
 import common
 from common import DataError
-from model import SampledScores, SASRecEncoder, make_item_embedding, seed_everything
+from embeddings import make_item_embedding
+from model import SampledScores, SASRecEncoder, seed_everything
 from training import add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults
 
 # -----------------------------------------------------------------------------

@@ -19,7 +19,8 @@ import torch
 import common
 import decompose
 from common import DataError
-from model import check_device, full_ranking, load_checkpoint, load_subspace, save_checkpoint
+from embeddings import load_subspace
+from model import check_device, full_ranking, load_checkpoint, save_checkpoint
 
 
 def item_inputs(args, meta):

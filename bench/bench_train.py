@@ -39,7 +39,8 @@ import reference  # noqa: E402
 import train_diffusion  # noqa: E402
 import train_discriminative  # noqa: E402
 import training  # noqa: E402
-from model import full_ranking, load_subspace  # noqa: E402
+from embeddings import load_subspace  # noqa: E402
+from model import full_ranking  # noqa: E402
 
 
 def make_data(source, out, split, tmp):

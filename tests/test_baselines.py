@@ -1,4 +1,4 @@
-"""What makes each baseline's item embedding the paper's. UniSRec (model.MoEAdaptorEmbedding): the
+"""What makes each baseline's item embedding the paper's. UniSRec (embeddings.MoEAdaptorEmbedding): the
 language vectors are a frozen buffer while every expert's b_k and W_k and the gate's W_2 and W_3
 train; the gate is a softmax over the G experts, noisy in training only; the items are
 sum_k g_k (x - b_k) W_k, one whitening layer (x - b) W when G = 1; the experts' input has dropout

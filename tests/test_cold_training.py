@@ -17,7 +17,8 @@ import common
 import train_diffusion
 import train_discriminative
 from conftest import prepare_embedded_toy
-from model import SampledScores, load_subspace
+from embeddings import load_subspace
+from model import SampledScores
 
 torch.set_num_threads(1)
 

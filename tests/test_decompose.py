@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import common
-from model import FusedItemEmbedding, load_subspace
+from embeddings import FusedItemEmbedding, load_subspace
 import decompose
 from conftest import assert_clean_error, run_script
 

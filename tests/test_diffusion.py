@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import common
-from model import load_subspace
+from embeddings import load_subspace
 import decompose
 import evaluate
 import train_diffusion

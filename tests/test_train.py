@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import common
-from model import load_subspace
+from embeddings import load_subspace
 import decompose
 import evaluate
 import train_discriminative

@@ -1,0 +1,163 @@
+"""
+The item embeddings, one module per method, each mapping item indices (...) to (..., d) and giving
+every item's row at once with table(): AlphaFuse's fused embedding (with the loader of
+decompose.py's subspace file) and the baselines' adapters over frozen language vectors;
+make_item_embedding chooses among them and the plain ID table. Row 0 is the padding item, zero.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from common import DataError
+from model import Dropout, load_checkpoint
+
+
+# ---- the fused item embedding (AlphaFuse)
+
+SUBSPACE_KEYS = ("mean", "eigenvalues", "basis", "lang_emb", "d_s", "d_n")
+
+
+def keep_rows(param, cold=()):
+    """Rows of an item table that never get a gradient, whether the table is read by lookups or
+    whole (table()): row 0, the padding item, so it stays the zero vector, and the cold items
+    (prepare.py --cold_items), so they stay as an item that arrives after training has them,
+    whatever the loss (ce's full softmax reaches every row); returns param."""
+    rows = torch.tensor([0, *cold], dtype=torch.long)
+    param.register_hook(lambda g: g.index_fill(0, rows.to(g.device), 0.0))
+    return param
+
+
+def load_subspace(path, num_items=None):
+    """decompose.py's output -> dict, checked: lang_emb float (N+1, d) with a zero padding row 0 and
+    finite values, d = d_s + d_n, and N = num_items when given (from meta.json)."""
+    sub = load_checkpoint(path, what="subspace file of decompose.py", missing=" (run decompose.py first)")
+    if not isinstance(sub, dict) or any(k not in sub for k in SUBSPACE_KEYS):
+        raise DataError(f"{path}: not a subspace file of decompose.py (keys {', '.join(SUBSPACE_KEYS)})")
+    lang, d_s, d_n = sub["lang_emb"], sub["d_s"], sub["d_n"]
+    if not (torch.is_tensor(lang) and lang.dim() == 2 and lang.is_floating_point() and lang.shape[1] > 0):
+        raise DataError(f"{path}: lang_emb must be a 2-D float tensor (N+1, d)")
+    if not (isinstance(d_s, int) and isinstance(d_n, int) and d_s >= 0 and d_n >= 0 and d_s + d_n == lang.shape[1]):
+        raise DataError(f"{path}: d_s = {d_s} and d_n = {d_n} do not add up to d = {lang.shape[1]}")
+    if num_items is not None and lang.shape[0] != num_items + 1:
+        raise DataError(f"{path}: lang_emb has {lang.shape[0]} rows, expected N + 1 = {num_items + 1}")
+    if torch.count_nonzero(lang[0]) or not torch.isfinite(lang).all():
+        raise DataError(f"{path}: lang_emb has a non-zero padding row 0 or non-finite values")
+    return sub
+
+
+class FusedItemEmbedding(torch.nn.Module):
+    """AlphaFuse's item embeddings e_i = E_lang[i] + [0_{d_s}, ID_i], a table (N+1, d), item 0 = padding.
+
+    E_lang (decompose.py's lang_emb) is a frozen buffer; ID (N+1, d_n) is trainable and only touches
+    the null coordinates d_s..d. Row 0 of both is zero and never gets a gradient (padding_idx for
+    lookups, keep_rows for table()), so the padding item stays the zero vector. d_n = 0 gives the pure language embeddings.
+    Ablations: train_lang=True makes E_lang a parameter initialised from it (the paper's
+    "w/o Frozen"); replace=True uses e_i = [E_lang[i, :d_s], ID_i] instead of the sum.
+    The `cold` items (held out of training) have ID_i = 0 and no gradient, as a new item has them.
+    """
+
+    def __init__(self, lang_emb, d_s, id_init="normal", train_lang=False, replace=False, cold=()):
+        super().__init__()
+        if id_init not in ("normal", "zeros"):
+            raise ValueError(f"id_init must be 'normal' or 'zeros', got {id_init!r}")
+        n1, d = lang_emb.shape  # (N+1, d)
+        self.d_s, self.replace = d_s, replace
+        lang = lang_emb.detach().to(torch.float32).clone()
+        lang[0] = 0
+        if train_lang:
+            self.lang = keep_rows(torch.nn.Parameter(lang), cold)  # cold rows: decompose.py's projection
+        else:
+            self.register_buffer("lang", lang)
+        self.id_emb = keep_rows(torch.nn.Parameter(torch.zeros(n1, d - d_s)), cold)  # (N+1, d_n)
+        if id_init == "normal":
+            with torch.no_grad():
+                self.id_emb[1:].normal_()  # every row draws, so warm rows start as without cold items
+                self.id_emb[list(cold)] = 0
+
+    def forward(self, idx):  # idx (...) item indices -> (..., d)
+        lang = F.embedding(idx, self.lang, padding_idx=0)  # (..., d)
+        ids = F.embedding(idx, self.id_emb, padding_idx=0)  # (..., d_n)
+        null = ids if self.replace else lang[..., self.d_s:] + ids  # slice at d_s: d_n = 0 works
+        return torch.cat([lang[..., :self.d_s], null], dim=-1)
+
+    def table(self):  # (N+1, d): every item's fused embedding, the forward of all rows at once
+        null = self.id_emb if self.replace else self.lang[:, self.d_s:] + self.id_emb
+        return torch.cat([self.lang[:, :self.d_s], null], dim=1)
+
+
+# ---- the baselines' item embeddings, and the choice among all of them
+
+class AdapterEmbedding(torch.nn.Module):
+    """Frozen item features (N+1, d_in) -> adapt -> (N+1, d); the padding row 0 stays zero. MoRec and
+    WhitenRec adapt with Linear, GELU, Linear."""
+
+    def __init__(self, features, d):
+        super().__init__()
+        self.register_buffer("features", features)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(features.shape[1], d), torch.nn.GELU(), torch.nn.Linear(d, d))
+
+    def adapt(self, x):  # (..., d_in) -> (..., d)
+        return self.mlp(x)
+
+    def forward(self, idx):
+        return self.adapt(self.features[idx]) * (idx > 0)[..., None]  # padding stays zero
+
+    def table(self):  # (N+1, d): every item at once
+        return self.forward(torch.arange(len(self.features), device=self.features.device))
+
+
+class MoEAdaptorEmbedding(AdapterEmbedding):
+    """UniSRec's item representation (Hou et al., "Towards Universal Sequence Representation Learning
+    for Recommender Systems", KDD 2022, Sec. 2.2): the frozen language vector x (d_l) of an item's
+    text passes through G parametric whitening experts, eq. 2: x~_k = (x - b_k) W_k with b_k (d_l) and
+    W_k (d_l, d) learned, no bias; a gate mixes them, eqs. 3-5: v = sum_k g_k x~_k,
+    g = softmax(x W_2 + delta), delta = N(0, 1) * softplus(x W_3), the noise only in training.
+    v alone is the item (the paper's inductive setting: no ID embedding), so a new item's text gives
+    its row. Fine-tuning only: the adaptor trains with the sequence encoder on the target data, with
+    no pre-training on other domains. Defaults as the UniSRec authors' code (props/UniSRec.yaml,
+    unisrec.py), which the AlphaFuse code repeats: G = 8, dropout 0.2 on the experts' input (the
+    gate reads the clean x), W_k ~ N(0, 0.02^2), b_k = W_2 = W_3 = 0.
+    NOTE: one dropout mask serves all G experts (theirs draws one per expert), so that the G
+    products are one; delta has no + 1e-2 (their code's, not the paper's)."""
+
+    def __init__(self, features, d, experts=8, dropout=0.2):
+        torch.nn.Module.__init__(self)  # AdapterEmbedding's forward and table, not its MLP
+        self.register_buffer("features", features)
+        d_l = features.shape[1]
+        self.W = torch.nn.Parameter(torch.randn(d_l, experts, d) * 0.02)  # W_k = W[:, k]
+        self.b = torch.nn.Parameter(torch.zeros(experts, d_l))  # b_k
+        self.W_gate = torch.nn.Parameter(torch.zeros(d_l, experts))  # W_2
+        self.W_noise = torch.nn.Parameter(torch.zeros(d_l, experts))  # W_3
+        self.drop = Dropout(dropout)
+
+    def gate(self, x):  # (..., d_l) -> g (..., G), eqs. 4-5
+        logits = x @ self.W_gate
+        if self.training:
+            logits = logits + torch.randn_like(logits) * F.softplus(x @ self.W_noise)
+        return logits.softmax(-1)
+
+    def adapt(self, x):  # (..., d_l) -> v (..., d), eqs. 2-3, with (x - b_k) W_k = x W_k - b_k W_k
+        d_l, G, d = self.W.shape  # all experts in one product: W viewed as (d_l, G d)
+        experts = (self.drop(x) @ self.W.view(d_l, G * d)).unflatten(-1, (G, d)) - torch.einsum("gl,lgd->gd", self.b, self.W)
+        return (self.gate(x)[..., None] * experts).sum(-2)  # (..., G, d) -> (..., d)
+
+
+def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None, cold=(),
+                        experts=8):
+    """The item embedding module; `init` is the language tensor it is built on (zeros as a
+    placeholder when rebuilding from a checkpoint, whose state_dict then fills it). The `cold` items'
+    rows (training only) never change: zero ID rows, as a new item's; llminit's language rows.
+    `experts`: unisrec's G."""
+    adapter = item_emb in ("morec", "whitenrec", "unisrec")
+    if item_emb != "id" and init is None:
+        init = torch.zeros(num_items + 1, d_in if adapter else d)
+    if item_emb == "alphafuse":
+        return FusedItemEmbedding(init, d_s, id_init, train_lang, id_replace, cold)
+    if adapter:
+        return MoEAdaptorEmbedding(init, d, experts) if item_emb == "unisrec" else AdapterEmbedding(init, d)
+    table = torch.nn.Embedding(num_items + 1, d, padding_idx=0)
+    keep_rows(table.weight, cold)  # padding_idx guards lookups; table() is read directly
+    with torch.no_grad():
+        table.weight.copy_(init if item_emb == "llminit" else torch.randn(num_items + 1, d) * (id_init == "normal"))
+        table.weight[[0, *cold] if item_emb == "id" else 0] = 0
+    return table
