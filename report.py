@@ -62,9 +62,13 @@ def read_log(path):
         return []
     with open(path) as f:
         try:
-            return [json.loads(line) for line in f if line.strip()]
+            log = [json.loads(line) for line in f if line.strip()]
         except json.JSONDecodeError as e:
             raise DataError(f"{path}: not one JSON record per line ({e})")
+    if not all(isinstance(r, dict) and isinstance(r.get("epoch"), int) and isinstance(r.get("seconds"), (int, float))
+               for r in log):
+        raise DataError(f"{path}: a line lacks the epoch or the seconds of a trainer's log")
+    return log
 
 
 def read_test(path):
@@ -72,6 +76,9 @@ def read_test(path):
     metrics = common.read_json(path)
     if not isinstance(metrics, dict) or not isinstance(metrics.get("test"), dict):
         raise DataError(f"{path}: not a metrics.json of the test split (no 'test' object)")
+    every = metrics["test"].get("all")
+    if not isinstance(every, dict) or not all(isinstance(every.get(k), (int, float)) for g, k in METRICS if g == "all"):
+        raise DataError(f"{path}: its test split lacks the numbers of the table ({', '.join(HEADER[:4])} of 'all')")
     return metrics["test"]
 
 
@@ -178,6 +185,11 @@ def plot_curves(path, methods, title):
 def run(args):
     if not os.path.isdir(args.runs):
         raise DataError(f"{args.runs}: no such folder of runs")
+    for folder in (args.plots, os.path.dirname(args.out or "")):  # made here, as the trainers make RUN
+        try:
+            os.makedirs(folder or ".", exist_ok=True)
+        except OSError as e:
+            raise DataError(f"{folder}: cannot create the folder ({e.strerror})") from None
     parts = []
     for dataset in sorted(os.listdir(args.runs)):
         dataset_dir = os.path.join(args.runs, dataset)

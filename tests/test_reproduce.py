@@ -6,6 +6,7 @@ an interrupted run resumes, a failing run fails the script, bad input fails with
     cd /work/main && python -m pytest -q tests/test_reproduce.py
 """
 
+import json
 import os
 import shutil
 import signal
@@ -242,3 +243,29 @@ def test_report_corrupt_metrics(tmp_path):
     proc = run_script("report.py", tmp_path, "--out", tmp_path / "results.md")
     assert_clean_error(proc, "metrics.json")
     assert not (tmp_path / "results.md").exists()
+    (tmp_path / "toy" / "sasrec_id_s0" / "metrics.json").write_text('{"test": {"all": {"HR@20": 0.5}}}')
+    assert_clean_error(run_script("report.py", tmp_path), "metrics.json")
+    (tmp_path / "toy" / "sasrec_id_s0" / "metrics.json").write_text(json.dumps(
+        {"test": {"all": dict.fromkeys(("HR@10", "HR@20", "NDCG@10", "NDCG@20"), 0.25)}}))
+    (tmp_path / "toy" / "sasrec_id_s0" / "log.jsonl").write_text('{"epoch": 1}\n')
+    assert_clean_error(run_script("report.py", tmp_path), "log.jsonl")
+
+
+def test_report_makes_its_output_folders(tmp_path):
+    """--out in a new folder and a new --plots folder are created, with the table and the curves."""
+    run = tmp_path / "runs" / "toy" / "sasrec_id_s0"
+    run.mkdir(parents=True)
+    (run / "metrics.json").write_text(json.dumps({"test": {"all": dict.fromkeys(("HR@10", "HR@20", "NDCG@10", "NDCG@20"), 0.25)}}))
+    (run / "log.jsonl").write_text("".join(json.dumps({"epoch": e, "seconds": 1.0, "valid": {"NDCG@20": v}}) + "\n"
+                                           for e, v in ((1, 0.1), (2, 0.2), (3, 0.15))))
+    proc = run_script("report.py", tmp_path / "runs", "--out", tmp_path / "new" / "results.md",
+                      "--plots", tmp_path / "plots")
+    assert proc.returncode == 0, proc.stderr
+    assert "| SASRec (ID)" in (tmp_path / "new" / "results.md").read_text()
+    assert (tmp_path / "plots" / "curves_toy.png").stat().st_size > 0
+
+
+def test_report_output_folder_that_cannot_be_made(tmp_path):
+    (tmp_path / "toy" / "sasrec_id_s0").mkdir(parents=True)
+    (tmp_path / "file").write_text("")
+    assert_clean_error(run_script("report.py", tmp_path, "--plots", tmp_path / "file" / "plots"), "file/plots")
