@@ -145,7 +145,8 @@ class MoEAdaptorEmbedding(AdapterEmbedding):
 
 class RLMRecEmbedding(torch.nn.Embedding):
     """RLMRec's items (Ren et al., "Representation Learning with Large Language Models for
-    Recommendation", WWW 2024, Sec. 3, "Density Ratio Modeling for Mutual Information Maximization"):
+    Recommendation", WWW 2024: the density ratio modelling of its cross-view alignment, "Contrastive
+    Alignment" and "Generative Alignment"):
     a trainable ID table e_i (N+1, d), looked up and read whole exactly as `id`'s nn.Embedding, plus
     a training-only loss that aligns e_i with the frozen language vector s_i (d_l) of the item's text
     by maximising the InfoNCE bound on I(e_i, s_i) with a density ratio f, over the step's items:
@@ -190,7 +191,7 @@ class RLMRecEmbedding(torch.nn.Embedding):
         items = items.unique()
         items = items[self.warm[items]]  # (M,)
         s, e = self.lang[items], self.weight[items]  # (M, d_l), (M, d)
-        anchor, other = (e, self.mlp(s)) if self.align == "con" else (self.mlp(e), s)  # row i: e_i's side; column j: s_j's
+        anchor, other = (e, self.mlp(s)) if self.align == "con" else (self.mlp(e), s)  # rows: e_i's side, columns: s_j's
         logits = F.normalize(anchor, dim=-1) @ F.normalize(other, dim=-1).T / self.temperature  # (M, M)
         return F.cross_entropy(logits, torch.arange(len(items), device=items.device))
 

@@ -53,7 +53,7 @@ def with_alignment(loss_fn, item_emb, weight):
     histories and targets: the items whose rows the step's loss reads, as the paper aligns the
     users and items of its batch. The sampled negatives are left out: 64 uniform draws per sample
     reach most of the catalogue, and L_info's (M, M) logits would grow with it."""
-    return lambda seq, target: loss_fn(seq, target) + weight * item_emb.aux_loss(torch.cat([seq.flatten(), target.flatten()]))
+    return lambda seq, target: loss_fn(seq, target) + weight * item_emb.aux_loss(torch.cat([seq.ravel(), target.ravel()]))
 
 
 def whole_sequences(train):
@@ -254,7 +254,8 @@ def add_align_args(p):
 # the intervals of the shared flags: seeds are NumPy's; above ~3e37 a float32 Adam step overflows
 LOOP_RANGES = {**dict.fromkeys(("hidden_dim", "num_blocks", "num_heads", "batch_size", "epochs", "patience", "eval_every",
                                 "experts"), "[1, inf)"),
-               "align_weight": "[0, 1e37)", "align_temperature": "(0, 1e37)", "dropout": "[0, 1)", "lr": "(0, 1e37)", "weight_decay": "[0, 1e37)", "seed": "[0, 4294967296)"}
+               "dropout": "[0, 1)", "lr": "(0, 1e37)", "weight_decay": "[0, 1e37)", "seed": "[0, 4294967296)",
+               "align_weight": "[0, 1e37)", "align_temperature": "(0, 1e37)"}
 
 
 def interrupted(args):
@@ -269,7 +270,8 @@ def interrupted(args):
 
 def check_loop_args(p, args, ranges):
     """Refuse a flag outside its interval (LOOP_RANGES, then the trainer's own `ranges`; NaN is in
-    none) before anything is read or written: parser.error, one line, exit 2. Fills in --align's defaults."""
+    none) before anything is read or written: parser.error, one line, exit 2. Fills in the defaults
+    of --align_weight and --align_temperature, which depend on --align."""
     weight, tau = ALIGN_DEFAULTS[args.align]
     args.align_weight = weight if args.align_weight is None else args.align_weight
     args.align_temperature = tau if args.align_temperature is None else args.align_temperature

@@ -2,8 +2,8 @@
 frozen buffer, out of the checkpoint, while the ID table and the MLP sigma train; L_info is the
 InfoNCE of the paper's density ratio over the step's distinct warm items, for con and for gen;
 aligned ID vectors give a lower L_info than random ones; with --align_weight 0 both trainers run
-exactly as --item_emb id; and both trainers train it, evaluate.py reproduces its test metrics and
-recommend.py refuses --new_items for it (one trained row per item).
+exactly as --item_emb id; both trainers train it, evaluate.py reproduces its test metrics,
+recommend.py refuses --new_items for it (one trained row per item), and --resume continues exactly.
 
     cd /work/main && python -m pytest -q tests/test_rlmrec.py
 """
@@ -166,3 +166,15 @@ def test_smoke_evaluate_and_no_new_items(data, tmp_path, trainer, align):
     first = common.read_items(data)[0]["item_id"]
     proc = run_main("recommend.py", run, "--history", str(first), "--new_items", str(new), "--device", "cpu")
     assert "'rlmrec' is a table with one trained row per item" in assert_clean_error(proc, "ckpt.pt")
+
+
+def test_resume_continues_exactly(data, tmp_path):
+    """The language vectors are not in last.pt: --resume reads lang_emb.npy again, and 1 epoch then
+    --resume to 2 logs the same losses and metrics as a straight 2-epoch run (RLMRec-Gen, SASRec)."""
+    flags = ["--item_emb", "rlmrec", "--align", "gen", *SASREC]
+    resumed, straight = str(tmp_path / "resumed"), str(tmp_path / "straight")
+    train_discriminative.main([data, "--out", resumed, "--epochs", "1", *flags])
+    train_discriminative.main([data, "--out", resumed, "--epochs", "2", "--resume", *flags])
+    train_discriminative.main([data, "--out", straight, "--epochs", "2", *flags])
+    assert [(x["loss"], x["valid"]) for x in read_log(resumed)] == [(x["loss"], x["valid"]) for x in read_log(straight)]
+    assert read_json(os.path.join(resumed, "metrics.json")) == read_json(os.path.join(straight, "metrics.json"))
