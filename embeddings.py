@@ -149,7 +149,8 @@ class RLMRecEmbedding(torch.nn.Embedding):
     Alignment" and "Generative Alignment"):
     a trainable ID table e_i (N+1, d), looked up and read whole exactly as `id`'s nn.Embedding, plus
     a training-only loss that aligns e_i with the frozen language vector s_i (d_l) of the item's text
-    by maximising the InfoNCE bound on I(e_i, s_i) with a density ratio f, over the step's items:
+    by maximising the InfoNCE bound on I(e_i, s_i) with a density ratio f, over a step's items i, j
+    (training.with_alignment: the distinct targets of the batch):
         L_info = -mean_i log( f(s_i, e_i) / sum_j f(s_j, e_i) )
         con (RLMRec-Con, contrastive alignment): f(s_i, e_i) = exp(cos(sigma_down(s_i), e_i) / tau)
         gen (RLMRec-Gen, generative alignment):  f(s_i, e_i) = exp(cos(s_i, sigma_up(e_i)) / tau)
