@@ -1,8 +1,9 @@
 """
 The item embeddings, one module per method, each mapping item indices (...) to (..., d) and giving
 every item's row at once with table(): AlphaFuse's fused embedding (with the loader of
-decompose.py's subspace file) and the baselines' adapters over frozen language vectors;
-make_item_embedding chooses among them and the plain ID table. Row 0 is the padding item, zero.
+decompose.py's subspace file), the baselines' adapters over frozen language vectors and RLMRec's
+aligned ID table; make_item_embedding chooses among them and the plain ID table. Row 0 is the
+padding item, zero.
 """
 
 import torch
@@ -142,22 +143,79 @@ class MoEAdaptorEmbedding(AdapterEmbedding):
         return (self.gate(x)[..., None] * experts).sum(-2)  # (..., G, d) -> (..., d)
 
 
+class RLMRecEmbedding(torch.nn.Embedding):
+    """RLMRec's items (Ren et al., "Representation Learning with Large Language Models for
+    Recommendation", WWW 2024: the density ratio modelling of its cross-view alignment, "Contrastive
+    Alignment" and "Generative Alignment"):
+    a trainable ID table e_i (N+1, d), looked up and read whole exactly as `id`'s nn.Embedding, plus
+    a training-only loss that aligns e_i with the frozen language vector s_i (d_l) of the item's text
+    by maximising the InfoNCE bound on I(e_i, s_i) with a density ratio f, over a step's items i, j
+    (training.with_alignment: the distinct targets of the batch):
+        L_info = -mean_i log( f(s_i, e_i) / sum_j f(s_j, e_i) )
+        con (RLMRec-Con, contrastive alignment): f(s_i, e_i) = exp(cos(sigma_down(s_i), e_i) / tau)
+        gen (RLMRec-Gen, generative alignment):  f(s_i, e_i) = exp(cos(s_i, sigma_up(e_i)) / tau)
+    sigma_down: d_l -> (d_l + d) / 2 -> LeakyReLU -> d, sigma_up the reverse, as the authors' code
+    (HKUDS/RLMRec, lightgcn_plus.py and lightgcn_gene.py); tau is their code's temperature
+    (kd_temperature, re_temperature). The total loss is the backbone's plus a weight times L_info.
+    NOTE where this differs from the paper: s_i is lang_emb.npy's vector of the item's text, not an
+    LLM-written profile; there are no user vectors to align (a sequence model has no user table);
+    RLMRec-Gen reconstructs s_i from e_i itself: the paper masks graph nodes before propagation and
+    reconstructs the masked ones from their neighbours, which has no counterpart without a graph.
+    Where it differs from the AlphaFuse code's RLMRec: that code minimises 1 - mean cos over all
+    items every step, no negatives, no tau (weight --beta 0.1); this is the paper's InfoNCE over a
+    batch, so that aligned pairs are pulled together and the other items pushed apart.
+    The language vectors are a frozen buffer left out of the checkpoint (only training reads them;
+    a run and its --resume read lang_emb.npy). Padding and `cold` rows stay zero and untouched, as
+    `id`'s, and no cold item enters L_info: it is unseen in training."""
+
+    def __init__(self, lang, d, align="con", temperature=0.2, cold=()):
+        super().__init__(len(lang), d, padding_idx=0)  # the draws of `id`'s nn.Embedding
+        if align not in ("con", "gen"):
+            raise ValueError(f"align must be 'con' or 'gen', got {align!r}")
+        self.align, self.temperature = align, temperature
+        self.register_buffer("lang", lang, persistent=False)  # (N+1, d_l) s_i
+        warm = torch.ones(len(lang), dtype=torch.bool)
+        warm[[0, *cold]] = False
+        self.register_buffer("warm", warm, persistent=False)  # (N+1,) the items L_info may involve
+        d_l = lang.shape[1]
+        sizes = (d_l, (d_l + d) // 2, d) if align == "con" else (d, (d_l + d) // 2, d_l)
+        # the MLP draws its init from a copy of the global generator, which then stays where `id`
+        # leaves it: the encoder's init and every dropout mask are `id`'s
+        with torch.random.fork_rng(devices=[]):
+            self.mlp = torch.nn.Sequential(torch.nn.Linear(*sizes[:2]), torch.nn.LeakyReLU(), torch.nn.Linear(*sizes[1:]))
+            for layer in self.mlp[::2]:
+                torch.nn.init.xavier_uniform_(layer.weight)  # the authors' init of their MLP's weights
+
+    def aux_loss(self, items):
+        """L_info over the distinct warm items among `items` (any shape; 0 and cold ones dropped):
+        each once, so an item is never its own negative; the other items are the negatives."""
+        items = items.unique()
+        items = items[self.warm[items]]  # (M,)
+        s, e = self.lang[items], self.weight[items]  # (M, d_l), (M, d)
+        anchor, other = (e, self.mlp(s)) if self.align == "con" else (self.mlp(e), s)  # rows: e_i's side, columns: s_j's
+        logits = F.normalize(anchor, dim=-1) @ F.normalize(other, dim=-1).T / self.temperature  # (M, M)
+        return F.cross_entropy(logits, torch.arange(len(items), device=items.device))
+
+
 def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None, cold=(),
-                        experts=8):
+                        experts=8, align="con", align_temperature=0.2):
     """The item embedding module; `init` is the language tensor it is built on (zeros as a
     placeholder when rebuilding from a checkpoint, whose state_dict then fills it). The `cold` items'
     rows (training only) never change: zero ID rows, as a new item's; llminit's language rows.
-    `experts`: unisrec's G."""
+    `experts`: unisrec's G; `align`, `align_temperature`: rlmrec's variant and tau."""
     adapter = item_emb in ("morec", "whitenrec", "unisrec")
     if item_emb != "id" and init is None:
-        init = torch.zeros(num_items + 1, d_in if adapter else d)
+        init = torch.zeros(num_items + 1, d_in if adapter or item_emb == "rlmrec" else d)
     if item_emb == "alphafuse":
         return FusedItemEmbedding(init, d_s, id_init, train_lang, id_replace, cold)
     if adapter:
         return MoEAdaptorEmbedding(init, d, experts) if item_emb == "unisrec" else AdapterEmbedding(init, d)
-    table = torch.nn.Embedding(num_items + 1, d, padding_idx=0)
+    if item_emb == "rlmrec":  # an nn.Embedding: initialised below exactly as `id`'s
+        table = RLMRecEmbedding(init, d, align, align_temperature, cold)
+    else:
+        table = torch.nn.Embedding(num_items + 1, d, padding_idx=0)
     keep_rows(table.weight, cold)  # padding_idx guards lookups; table() is read directly
     with torch.no_grad():
         table.weight.copy_(init if item_emb == "llminit" else torch.randn(num_items + 1, d) * (id_init == "normal"))
-        table.weight[[0, *cold] if item_emb == "id" else 0] = 0
+        table.weight[[0, *cold] if item_emb != "llminit" else 0] = 0
     return table

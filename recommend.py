@@ -29,7 +29,7 @@ from --api_key_env), and each vector e becomes what the item embedding would hol
   morec, unisrec  the adapter (unisrec: its MoE adaptor) applied to e
   whitenrec  the adapter applied to e whitened with the mean and covariance of DATA/lang_emb.npy,
              recomputed as the trainer computes them
-  id, llminit (a trained row per item) cannot: one error line. A history may name new items too.
+  id, llminit, rlmrec (a trained row per item) cannot: one error line. A history may name new items too.
 Training keeps a cold item's row (prepare.py --cold_items) the same way, so its text scores as it.
 """
 
@@ -117,7 +117,8 @@ def encode_history(ids, index, L, where):
 def check_new_items(model, ckpt, path):
     """An item the model was not trained on can be scored by an item embedding built on language
     vectors (alphafuse: its language coordinates and a zero ID part; morec, whitenrec, unisrec: the
-    adapter applied to its vector), never by a table with one trained row per item (id, llminit)."""
+    adapter applied to its vector), never by a table with one trained row per item (id, llminit; rlmrec's
+    is an nn.Embedding too)."""
     if isinstance(model.item_emb, torch.nn.Embedding):
         raise DataError(f"{path}: its item embedding '{ckpt['model_args'].get('item_emb')}' is a table with one "
                         "trained row per item, so it cannot score items it was not trained on (alphafuse, morec, "

@@ -1,7 +1,8 @@
 """
 Train DreamRec (a conditional diffusion model that generates the next item's embedding) with
-AlphaFuse item embeddings, an ID table or UniSRec's MoE adaptor (--item_emb unisrec, as in
-train_discriminative.py), then evaluate the best checkpoint once on test.
+AlphaFuse item embeddings, an ID table, UniSRec's MoE adaptor (--item_emb unisrec) or RLMRec's
+aligned ID table (--item_emb rlmrec, with --align, --align_weight, --align_temperature), as in
+train_discriminative.py, then evaluate the best checkpoint once on test.
 
     python decompose.py data/toys --null_thres 0.25 --out data/toys/subspace_dreamrec.pt   # d = d_l
     python train_diffusion.py data/toys --out runs/toys_dreamrec --subspace data/toys/subspace_dreamrec.pt
@@ -35,7 +36,7 @@ import common
 from common import DataError
 from embeddings import make_item_embedding
 from model import SASRecEncoder, seed_everything
-from training import add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults
+from training import add_align_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults, with_alignment
 
 
 def beta_schedule(schedule, T, beta_start, beta_end):
@@ -62,12 +63,13 @@ class DreamRec(torch.nn.Module):
 
     def __init__(self, item_emb, num_items, d, max_len, num_blocks, num_heads, dropout, timesteps,
                  beta_start, beta_end, schedule, w, p_uncond, sample_steps, d_s=0, id_init="normal", init=None, cold=(),
-                 d_in=0, experts=8):
+                 d_in=0, experts=8, align="con", align_temperature=0.2):
         super().__init__()
         self.num_items, self.T, self.w, self.p_uncond, self.sample_steps = num_items, timesteps, w, p_uncond, sample_steps
         # cold items (training only): zero, untouched ID rows; DreamRec draws no negatives, and no
         # history or target of training holds a cold item
-        self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, False, False, init, cold, experts)
+        self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, False, False, init, cold, experts,
+                                            align, align_temperature)
         self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
         self.null_c = torch.nn.Parameter(torch.randn(d))  # the unconditional "condition", N(0, 1) as the official code
         # t -> 256-d sinusoid -> Linear, GELU, Linear -> (B, d): the official DreamRec step embedding
@@ -163,9 +165,13 @@ def run(args):
                   "sample_steps": args.sample_steps, "d_s": dims.get("d_s", 0), "id_init": args.id_init}
     if args.item_emb == "unisrec":  # only then: other runs' model_args, which --resume compares, stay as they were
         model_args.update(d_in=dims["d_in"], experts=args.experts)
+    if args.item_emb == "rlmrec":  # likewise
+        model_args.update(d_in=dims["d_in"], align=args.align, align_temperature=args.align_temperature)
     model = build_model(model_args, init, meta.get("cold_items", [])).to(device)  # prepare.py --cold_items
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
     loss_fn = lambda seq, target: model.loss(seq, target, gens["noise"])
+    if args.item_emb == "rlmrec":
+        loss_fn = with_alignment(loss_fn, model.item_emb, args.align_weight)
     fit(args, model, model_args, optimizer, loss_fn, gens, "dreamrec", {**vars(args), "device": device, **provenance})
 
 
@@ -174,10 +180,11 @@ def main(argv=None):
     p.add_argument("data", help="prepared dataset folder DATA (prepare.py)")
     p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
     p.add_argument("--subspace", default=None, help="decompose.py output with d = d_l (default DATA/subspace_dreamrec.pt)")
-    p.add_argument("--item_emb", choices=["alphafuse", "id", "unisrec"], default="alphafuse", help="item embedding: AlphaFuse, an ID table, or UniSRec's MoE adaptor of DATA/lang_emb.npy")
+    p.add_argument("--item_emb", choices=["alphafuse", "id", "unisrec", "rlmrec"], default="alphafuse", help="item embedding: AlphaFuse, an ID table, UniSRec's MoE adaptor of DATA/lang_emb.npy, or RLMRec's ID table aligned to it")
     p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
+    add_align_args(p)
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors")
-    p.add_argument("--hidden_dim", type=int, default=128, help="d of the id table and of unisrec's adaptor (alphafuse takes d = d_l from --subspace)")
+    p.add_argument("--hidden_dim", type=int, default=128, help="d of the id and rlmrec tables and of unisrec's adaptor (alphafuse takes d = d_l from --subspace)")
     # diffusion
     p.add_argument("--timesteps", type=int, default=2000, help="T, diffusion steps")
     p.add_argument("--beta_start", type=float, default=1e-4, help="beta_1 of the linear schedule")

@@ -14,8 +14,10 @@ item embedding, then evaluate the best checkpoint once on test.
              whitenrec  frozen whitened language embeddings (all d_l directions) -> MLP adapter
              unisrec    frozen raw language embeddings -> UniSRec's MoE adaptor of --experts
                         parametric whitening layers (embeddings.MoEAdaptorEmbedding)
+             rlmrec     a trainable table, as id, aligned to the frozen raw language embeddings by
+                        RLMRec's --align loss times --align_weight (embeddings.RLMRecEmbedding)
 Reads  DATA/{train,valid,test}.npz, DATA/meta.json, and --subspace (alphafuse, llminit) or
-       DATA/lang_emb.npy (morec, whitenrec, unisrec).
+       DATA/lang_emb.npy (morec, whitenrec, unisrec, rlmrec).
 Writes RUN/ckpt.pt (best validation NDCG@20), RUN/last.pt (latest epoch, for --resume),
        RUN/log.jsonl (one line per epoch), RUN/metrics.json (test, best checkpoint).
 Prints one line per epoch (loss, validation metrics, seconds, samples/s), a progress line every
@@ -45,7 +47,7 @@ import common
 from common import DataError
 from embeddings import make_item_embedding
 from model import SampledScores, SASRecEncoder, seed_everything
-from training import add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults
+from training import add_align_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults, with_alignment
 
 # -----------------------------------------------------------------------------
 # the model
@@ -55,11 +57,11 @@ class SASRec(torch.nn.Module):
 
     def __init__(self, item_emb, num_items, d, max_len, num_blocks, num_heads, dropout, score,
                  eval_score, temperature, d_in=0, d_s=0, id_init="normal", train_lang=False, id_replace=False, init=None,
-                 cold=(), experts=8):
+                 cold=(), experts=8, align="con", align_temperature=0.2):
         super().__init__()
         self.num_items, self.score, self.eval_score, self.temperature = num_items, score, eval_score, temperature
         self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init, cold,
-                                            experts)
+                                            experts, align, align_temperature)
         self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
         # cold items (training only, not in the checkpoint) are no candidate of any loss: the model
         # never learns of them, so it ranks them as items that arrive after training
@@ -153,6 +155,8 @@ def run(args):
                   "id_init": args.id_init, "train_lang": args.train_lang, "id_replace": args.id_replace}
     if args.item_emb == "unisrec":  # only then: other runs' model_args, which --resume compares, stay as they were
         model_args.update(d_in=dims["d_in"], experts=args.experts)
+    if args.item_emb == "rlmrec":  # likewise
+        model_args.update(d_in=dims["d_in"], align=args.align, align_temperature=args.align_temperature)
     cold = meta.get("cold_items", [])  # prepare.py --cold_items: held out of training
     model = build_model(model_args, init, cold).to(device)
     # Adam adds weight_decay * p to the gradient that keep_rows zeroed, so a cold row that is not zero
@@ -165,6 +169,8 @@ def run(args):
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     loss_fn = lambda seq, target: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"],
                                              redraw=args.redraw_negatives)
+    if args.item_emb == "rlmrec":
+        loss_fn = with_alignment(loss_fn, model.item_emb, args.align_weight)
     fit(args, model, model_args, optimizer, loss_fn, gens, "sasrec", {**vars(args), "device": device, **provenance})
 
 
@@ -174,8 +180,9 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
     p.add_argument("--subspace", default=None, help="decompose.py output (default DATA/subspace.pt): E_lang, d_s, d_n")
     # item embedding and loss
-    p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
+    p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
     p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
+    add_align_args(p)
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors in the null space (alphafuse)")
     p.add_argument("--train_lang", action="store_true", help="train the language coordinates too (ablation 'w/o Frozen')")
     p.add_argument("--id_replace", action="store_true", help="ID vectors replace the null coordinates instead of adding to them")
@@ -185,7 +192,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.07, help="tau of the cosine logits")
     p.add_argument("--score", choices=["cosine", "dot"], default="cosine", help="similarity of user state and item in training")
     p.add_argument("--eval_score", choices=["cosine", "dot"], default=None, help="similarity for ranking (default: --score; official code: dot)")
-    p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec, unisrec (alphafuse and llminit take d from --subspace)")
+    p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec, unisrec, rlmrec (alphafuse and llminit take d from --subspace)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--weight_decay", type=float, default=1e-6, help="Adam weight decay")
     add_loop_args(p)
