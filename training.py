@@ -48,6 +48,19 @@ def item_inputs(args, meta):
     return None, {}, {}
 
 
+def param_groups(model, num_items, cold):
+    """The optimizer's parameter groups: model.parameters(), except that an item table (N+1, ·) whose
+    cold rows are not zero (llminit's table, --train_lang's language rows) takes no weight decay.
+    keep_rows zeroes their gradient, but the decay (Adam's, added to that gradient; AdamW's, applied
+    to the weights) would still shrink rows that must stay as a new item's."""
+    held = [p for p in model.item_emb.parameters() if cold and p.dim() == 2 and len(p) == num_items + 1
+            and p[cold].any()]
+    if not held:
+        return model.parameters()
+    return [{"params": [p for p in model.parameters() if all(p is not h for h in held)]},
+            {"params": held, "weight_decay": 0.0}]
+
+
 def whole_sequences(train):
     """Windows (seq (n, L), target (n,), user (n,)) -> one whole sequence per training user, its
     last L + 1 training items: seq (U, L) and target (U, L), the item after each position (0 after
