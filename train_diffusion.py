@@ -13,6 +13,8 @@ AlphaFuse item embeddings or a baseline's, then evaluate the best checkpoint onc
              morec      frozen raw language embeddings (lang_emb.npy) -> MLP adapter -> --hidden_dim
              whitenrec  frozen whitened language embeddings (all d_l directions) -> the same adapter
              unisrec    frozen raw language embeddings -> UniSRec's MoE adaptor -> --hidden_dim
+             idreamrec  iDreamRec: the frozen whitened language embeddings are the items (d = d_l;
+                        no adapter, no ID; embeddings.FrozenEmbedding)
 The item embeddings are train_discriminative.py's (embeddings.make_item_embedding).
 
 The condition c (B, d) is the SASRec encoder's state of the history (SASRecEncoder over the
@@ -182,7 +184,7 @@ def run(args):
                   "sample_steps": args.sample_steps, "d_s": dims.get("d_s", 0), "id_init": args.id_init}
     if args.item_emb == "unisrec":  # only then: other runs' model_args, which --resume compares, stay as they were
         model_args.update(d_in=dims["d_in"], experts=args.experts)
-    if args.item_emb in ("morec", "whitenrec"):  # likewise
+    if args.item_emb in ("morec", "whitenrec", "idreamrec"):  # likewise
         model_args.update(d_in=dims["d_in"])
     cold = meta.get("cold_items", [])  # prepare.py --cold_items: held out of training
     model = build_model(model_args, init, cold).to(device)
@@ -197,10 +199,10 @@ def main(argv=None):
     p.add_argument("data", help="prepared dataset folder DATA (prepare.py)")
     p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
     p.add_argument("--subspace", default=None, help="decompose.py output with d = d_l (default DATA/subspace_dreamrec.pt)")
-    p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
+    p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec", "idreamrec"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
     p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors")
-    p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec, unisrec (alphafuse and llminit take d = d_l from --subspace)")
+    p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec, unisrec (alphafuse, llminit: d = d_l of --subspace; idreamrec: of lang_emb.npy)")
     # diffusion
     p.add_argument("--timesteps", type=int, default=2000, help="T, diffusion steps")
     p.add_argument("--beta_start", type=float, default=1e-4, help="beta_1 of the linear schedule")
