@@ -195,6 +195,24 @@ class RLMRecEmbedding(torch.nn.Embedding):
         anchor, other = (e, self.mlp(s)) if self.align == "con" else (self.mlp(e), s)  # rows: e_i's side, columns: s_j's
         logits = F.normalize(anchor, dim=-1) @ F.normalize(other, dim=-1).T / self.temperature  # (M, M)
         return F.cross_entropy(logits, torch.arange(len(items), device=items.device))
+class FrozenEmbedding(AdapterEmbedding):
+    """iDreamRec's items (Hu et al., "Generate and Instantiate What You Prefer: Text-Guided Diffusion
+    for Sequential Recommendation", arXiv 2410.13428): DreamRec's randomly initialised ID embeddings,
+    trained jointly with the model, are replaced by a text embedding model's vectors of the items'
+    texts, so the distribution the diffusion learns to generate stays fixed. The features (N+1, d)
+    are the items themselves: no adapter, no ID, nothing of the item side trains, d = d_l; a new
+    item's text gives its row. Whitened over the items (zero mean, identity covariance, all d_l
+    directions) as the AlphaFuse authors' iDreamRec baseline has them (models/backbone_DreamRec.py),
+    which also gives x0 the unit-variance coordinates of the noise.
+    NOTE: the paper's LLM-written item descriptions and its intention instructions as extra
+    conditions are not here: the items' own texts are embedded, and histories alone condition."""
+
+    def __init__(self, features):
+        torch.nn.Module.__init__(self)  # AdapterEmbedding's forward and table, without its MLP
+        self.register_buffer("features", features)
+
+    def adapt(self, x):  # (..., d) -> (..., d): the vector is the item
+        return x
 
 
 def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None, cold=(),
@@ -203,11 +221,13 @@ def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, 
     placeholder when rebuilding from a checkpoint, whose state_dict then fills it). The `cold` items'
     rows (training only) never change: zero ID rows, as a new item's; llminit's language rows.
     `experts`: unisrec's G; `align`, `align_temperature`: rlmrec's variant and tau."""
-    adapter = item_emb in ("morec", "whitenrec", "unisrec")
+    adapter = item_emb in ("morec", "whitenrec", "unisrec", "idreamrec")
     if item_emb != "id" and init is None:
         init = torch.zeros(num_items + 1, d_in if adapter or item_emb == "rlmrec" else d)
     if item_emb == "alphafuse":
         return FusedItemEmbedding(init, d_s, id_init, train_lang, id_replace, cold)
+    if item_emb == "idreamrec":
+        return FrozenEmbedding(init)
     if adapter:
         return MoEAdaptorEmbedding(init, d, experts) if item_emb == "unisrec" else AdapterEmbedding(init, d)
     if item_emb == "rlmrec":  # an nn.Embedding: initialised below exactly as `id`'s

@@ -9,7 +9,7 @@ training (a text, no interactions) with the known ones, without retraining.
 Reads  RUN/ckpt.pt (or RUN itself, a checkpoint file) and the DATA folder its config names:
        items.jsonl (the item ids and texts), meta.json (N, L); with --new_items also
        DATA/lang_emb.json (the endpoint and model that embedded the items, and d_l), the run's
-       subspace file (alphafuse) or DATA/lang_emb.npy (whitenrec).
+       subspace file (alphafuse) or DATA/lang_emb.npy (whitenrec, idreamrec).
        --input FILE.jsonl: one object per line, {"history": [item ids, oldest first], "user": any}.
        --new_items NEW.jsonl: one {"item_id": str, "text": str} per line.
 Writes with --history: one line per item on stdout, "rank<TAB>item_id<TAB>score<TAB>text" (the
@@ -28,7 +28,7 @@ from --api_key_env), and each vector e becomes what the item embedding would hol
              plus a zero ID part: e_new = [E_lang[:d_s], E_lang[d_s:] + 0] (also with --train_lang)
   morec, unisrec  the adapter (unisrec: its MoE adaptor) applied to e
   whitenrec  the adapter applied to e whitened with the mean and covariance of DATA/lang_emb.npy,
-             recomputed as the trainer computes them
+             recomputed as the trainer computes them; idreamrec (DreamRec) the whitened e itself
   id, llminit, rlmrec (a trained row per item) cannot: one error line. A history may name new items too.
 Training keeps a cold item's row (prepare.py --cold_items) the same way, so its text scores as it.
 """
@@ -127,8 +127,8 @@ def check_new_items(model, ckpt, path):
 
 def new_item_rows(args, model, ckpt, data_dir):
     """(d_l, f): f maps language vectors (M, d_l) to what the item embedding stores for new items:
-    alphafuse's language coordinates, or the adapter inputs of morec, unisrec and whitenrec. Checks
-    that the subspace or lang_emb.npy is the one the run was trained with."""
+    alphafuse's language coordinates, or the adapter inputs of morec, unisrec and whitenrec (idreamrec's
+    rows: whitenrec's inputs). Checks that the subspace or lang_emb.npy is the one the run was trained with."""
     emb, kind = model.item_emb, ckpt["model_args"].get("item_emb")
     if hasattr(emb, "id_emb"):  # alphafuse
         path = args.subspace or ckpt["config"].get("subspace")
@@ -148,7 +148,7 @@ def new_item_rows(args, model, ckpt, data_dir):
     d_l = emb.features.shape[1]
     if kind in ("morec", "unisrec"):  # the raw vectors
         return d_l, lambda e: e
-    path = os.path.join(data_dir, "lang_emb.npy")  # whitenrec: the trainer's whitening, recomputed
+    path = os.path.join(data_dir, "lang_emb.npy")  # whitenrec, idreamrec: the trainer's whitening, recomputed
     lang = decompose.open_lang_emb(path)
     mean, Sigma = decompose.weighted_covariance(lang, path=path)
     s, U = decompose.eigendecompose(Sigma)

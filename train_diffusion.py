@@ -1,12 +1,21 @@
 """
 Train DreamRec (a conditional diffusion model that generates the next item's embedding) with
-AlphaFuse item embeddings, an ID table, UniSRec's MoE adaptor (--item_emb unisrec) or RLMRec's
-aligned ID table (--item_emb rlmrec, with --align, --align_weight, --align_temperature), as in
-train_discriminative.py, then evaluate the best checkpoint once on test.
+AlphaFuse item embeddings or a baseline's, then evaluate the best checkpoint once on test.
 
     python decompose.py data/toys --null_thres 0.25 --out data/toys/subspace_dreamrec.pt   # d = d_l
     python train_diffusion.py data/toys --out runs/toys_dreamrec --subspace data/toys/subspace_dreamrec.pt
     python train_diffusion.py data/toys --out runs/toys_dreamrec_id --item_emb id
+
+--item_emb   alphafuse  frozen standardized language coordinates of --subspace (d = d_l) + trainable
+                        ID vectors in its null coordinates d_s..d
+             id         a trainable table (N+1, --hidden_dim): DreamRec itself
+             llminit    a trainable table (N+1, d_l) initialised from --subspace's coordinates
+             morec      frozen raw language embeddings (lang_emb.npy) -> MLP adapter -> --hidden_dim
+             whitenrec  frozen whitened language embeddings (all d_l directions) -> the same adapter
+             unisrec    frozen raw language embeddings -> UniSRec's MoE adaptor -> --hidden_dim
+             idreamrec  iDreamRec: the frozen whitened language embeddings are the items (d = d_l;
+                        no adapter, no ID; embeddings.FrozenEmbedding)
+The item embeddings are train_discriminative.py's (embeddings.make_item_embedding).
 
 The condition c (B, d) is the SASRec encoder's state of the history (SASRecEncoder over the
 same item embeddings). The denoiser f(x_t, c, t) predicts x0 with one Linear over
@@ -21,7 +30,20 @@ metrics.json) and prints the same lines.
 
 NOTE where this differs from the official code: the first DDIM step is t = T-1, not T (outside the
 trained range); schedules are computed in float64; batches are shuffled (--file_order for the
-official fixed order). Cold items (prepare.py --cold_items) keep a zero ID row, never trained.
+official fixed order). Its baselines (models/backbone_DreamRec.py) take d = --hidden_dim, which its
+README sets to d_l (1536, 3072) for every DreamRec run; here:
+- morec, whitenrec adapt to --hidden_dim (128) with Linear, GELU, Linear; its adapter is one
+  Linear(d_l, d) and a GELU. The adapter's output is x0, what the diffusion generates, and the table
+  x0_hat is scored against: after a last GELU every coordinate of every item is >= -0.17, all items
+  share one offset direction and x0 is far from the centred Gaussian the noise is; a last Linear
+  leaves it free. The SASRec trainer uses the same MLP, so each baseline is one thing in both backbones.
+  A trained adapter can map every item to one point, where the loss on x0 is ~0: on amazon-toys at
+  lr 1e-3 morec and whitenrec (with this MLP or its one layer) do so within an epoch, as id does.
+- llminit starts from the standardized coordinates (E - mu) U diag(s)^(-1/2) of --subspace, as the
+  SASRec trainer's and as AlphaFuse's frozen part, so that it differs from AlphaFuse only in what
+  trains; its LLMInit starts from the raw vectors times 40 (at d = d_l it skips its decomposition).
+Cold items (prepare.py --cold_items) are never touched: zero ID rows, llminit's language rows
+(which then take no weight decay, as in train_discriminative.py: training.param_groups).
 """
 
 import argparse
@@ -36,7 +58,8 @@ import common
 from common import DataError
 from embeddings import make_item_embedding
 from model import SASRecEncoder, seed_everything
-from training import add_align_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults, with_alignment
+from training import (add_align_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults,
+                      param_groups, with_alignment)
 
 
 def beta_schedule(schedule, T, beta_start, beta_end):
@@ -66,8 +89,8 @@ class DreamRec(torch.nn.Module):
                  d_in=0, experts=8, align="con", align_temperature=0.2):
         super().__init__()
         self.num_items, self.T, self.w, self.p_uncond, self.sample_steps = num_items, timesteps, w, p_uncond, sample_steps
-        # cold items (training only): zero, untouched ID rows; DreamRec draws no negatives, and no
-        # history or target of training holds a cold item
+        # cold items (training only): untouched rows (zero ID rows, llminit's language rows); DreamRec
+        # draws no negatives, and no history or target of training holds a cold item
         self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, False, False, init, cold, experts,
                                             align, align_temperature)
         self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
@@ -155,7 +178,7 @@ def run(args):
             "noise": torch.Generator(device=device).manual_seed(args.seed + 1)}
     meta = common.load_meta(args.data)
     loop_defaults(args, meta)
-    if args.item_emb == "alphafuse" and not os.path.exists(args.subspace):
+    if args.item_emb in ("alphafuse", "llminit") and not os.path.exists(args.subspace):
         raise DataError(f"{args.subspace}: file not found (run decompose.py DATA --null_thres 0.25 --out {args.subspace})")
     init, dims, provenance = item_inputs(args, meta)
     model_args = {"item_emb": args.item_emb, "num_items": meta["num_items"], "d": dims.get("hidden_dim", args.hidden_dim),
@@ -167,8 +190,12 @@ def run(args):
         model_args.update(d_in=dims["d_in"], experts=args.experts)
     if args.item_emb == "rlmrec":  # likewise
         model_args.update(d_in=dims["d_in"], align=args.align, align_temperature=args.align_temperature)
-    model = build_model(model_args, init, meta.get("cold_items", [])).to(device)  # prepare.py --cold_items
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    if args.item_emb in ("morec", "whitenrec", "idreamrec"):  # likewise
+        model_args.update(d_in=dims["d_in"])
+    cold = meta.get("cold_items", [])  # prepare.py --cold_items: held out of training
+    model = build_model(model_args, init, cold).to(device)
+    optimizer = torch.optim.AdamW(param_groups(model, meta["num_items"], cold), lr=args.lr,
+                                  weight_decay=args.weight_decay, fused=True)
     loss_fn = lambda seq, target: model.loss(seq, target, gens["noise"])
     if args.item_emb == "rlmrec":
         loss_fn = with_alignment(loss_fn, model.item_emb, args.align_weight)
@@ -180,11 +207,11 @@ def main(argv=None):
     p.add_argument("data", help="prepared dataset folder DATA (prepare.py)")
     p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
     p.add_argument("--subspace", default=None, help="decompose.py output with d = d_l (default DATA/subspace_dreamrec.pt)")
-    p.add_argument("--item_emb", choices=["alphafuse", "id", "unisrec", "rlmrec"], default="alphafuse", help="item embedding: AlphaFuse, an ID table, UniSRec's MoE adaptor of DATA/lang_emb.npy, or RLMRec's ID table aligned to it")
+    p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec", "idreamrec"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
     p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
     add_align_args(p)
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors")
-    p.add_argument("--hidden_dim", type=int, default=128, help="d of the id and rlmrec tables and of unisrec's adaptor (alphafuse takes d = d_l from --subspace)")
+    p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec, unisrec, rlmrec (alphafuse, llminit: d = d_l of --subspace; idreamrec: of lang_emb.npy)")
     # diffusion
     p.add_argument("--timesteps", type=int, default=2000, help="T, diffusion steps")
     p.add_argument("--beta_start", type=float, default=1e-4, help="beta_1 of the linear schedule")

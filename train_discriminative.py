@@ -47,7 +47,8 @@ import common
 from common import DataError
 from embeddings import make_item_embedding
 from model import SampledScores, SASRecEncoder, seed_everything
-from training import add_align_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults, with_alignment
+from training import (add_align_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults,
+                      param_groups, with_alignment)
 
 # -----------------------------------------------------------------------------
 # the model
@@ -159,14 +160,9 @@ def run(args):
         model_args.update(d_in=dims["d_in"], align=args.align, align_temperature=args.align_temperature)
     cold = meta.get("cold_items", [])  # prepare.py --cold_items: held out of training
     model = build_model(model_args, init, cold).to(device)
-    # Adam adds weight_decay * p to the gradient that keep_rows zeroed, so a cold row that is not zero
-    # (llminit's table, --train_lang's language rows) would still shrink: such a table takes no weight decay
-    held = [p for p in model.item_emb.parameters() if cold and p.dim() == 2 and len(p) == meta["num_items"] + 1
-            and p[cold].any()]
-    params = [{"params": [p for p in model.parameters() if all(p is not h for h in held)]},
-              {"params": held, "weight_decay": 0.0}] if held else model.parameters()
     # fused: one kernel over all parameters (CPU and CUDA), 10x faster than the loop over them on CPU
-    optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    optimizer = torch.optim.Adam(param_groups(model, meta["num_items"], cold), lr=args.lr,
+                                 weight_decay=args.weight_decay, fused=True)
     loss_fn = lambda seq, target: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"],
                                              redraw=args.redraw_negatives)
     if args.item_emb == "rlmrec":

@@ -33,18 +33,23 @@ def item_inputs(args, meta):
             raise DataError(f"{args.subspace}: d = {d} is not divisible by --num_heads {args.num_heads}")
         return sub["lang_emb"], {"d_s": sub["d_s"], "hidden_dim": d}, \
             {"subspace": args.subspace, "subspace_settings": sub.get("settings"), "lang_emb_sha256": sub.get("lang_emb_sha256")}
-    if args.item_emb in ("morec", "whitenrec", "unisrec", "rlmrec"):
+    if args.item_emb in ("morec", "whitenrec", "unisrec", "rlmrec", "idreamrec"):
         path = os.path.join(args.data, "lang_emb.npy")
         emb = decompose.open_lang_emb(path)
         if len(emb) != N:
             raise DataError(f"{path}: {len(emb)} rows, meta.json says {N} items")
-        if args.item_emb != "whitenrec":  # morec and unisrec adapt the raw vectors; rlmrec aligns to them
+        if args.item_emb in ("morec", "unisrec", "rlmrec"):  # morec and unisrec adapt the raw vectors; rlmrec aligns to them
             features = np.concatenate([np.zeros((1, emb.shape[1]), np.float32), np.asarray(emb, np.float32)])
-        else:
+        else:  # whitenrec, idreamrec: whitened
             mean, Sigma = decompose.weighted_covariance(emb, path=path)
             s, U = decompose.eigendecompose(Sigma)
             features = decompose.project(emb, mean, decompose.projection_matrix(s, U, len(s)))
-        return torch.from_numpy(features), {"d_in": emb.shape[1]}, {"lang_emb_sha256": decompose.file_sha256(path)}
+        dims = {"d_in": emb.shape[1]}
+        if args.item_emb == "idreamrec":  # the whitened vectors are the items: d = d_l
+            if emb.shape[1] % args.num_heads:
+                raise DataError(f"{path}: d_l = {emb.shape[1]} is not divisible by --num_heads {args.num_heads}")
+            dims["hidden_dim"] = emb.shape[1]
+        return torch.from_numpy(features), dims, {"lang_emb_sha256": decompose.file_sha256(path)}
     return None, {}, {}
 
 
@@ -56,6 +61,19 @@ def with_alignment(loss_fn, item_emb, weight):
     quadratic in them) tripled the CPU time of an amazon-toys epoch (31-36 s against 10-11 s for
     id; targets only: 13-15 s), with the same validation NDCG@20 over 3 epochs."""
     return lambda seq, target: loss_fn(seq, target) + weight * item_emb.aux_loss(target)
+
+
+def param_groups(model, num_items, cold):
+    """The optimizer's parameter groups: model.parameters(), except that an item table (N+1, ·) whose
+    cold rows are not zero (llminit's table, --train_lang's language rows) takes no weight decay.
+    keep_rows zeroes their gradient, but the decay (Adam's, added to that gradient; AdamW's, applied
+    to the weights) would still shrink rows that must stay as a new item's."""
+    held = [p for p in model.item_emb.parameters() if cold and p.dim() == 2 and len(p) == num_items + 1
+            and p[cold].any()]
+    if not held:
+        return model.parameters()
+    return [{"params": [p for p in model.parameters() if all(p is not h for h in held)]},
+            {"params": held, "weight_decay": 0.0}]
 
 
 def whole_sequences(train):
@@ -289,5 +307,5 @@ def check_loop_args(p, args, ranges):
         sys.exit(f"error: {last}: --out {args.out} holds a run; add --resume to continue it, or give a new --out")
     if not args.progress_every >= 0:
         p.error(f"--progress_every must be in [0, inf), got {args.progress_every}")
-    if args.item_emb not in ("alphafuse", "llminit") and args.hidden_dim % args.num_heads:  # else d is --subspace's
+    if args.item_emb not in ("alphafuse", "llminit", "idreamrec") and args.hidden_dim % args.num_heads:  # else d is d_l
         p.error(f"--num_heads {args.num_heads} must divide --hidden_dim {args.hidden_dim}")
