@@ -33,8 +33,12 @@ import common
 from common import DataError
 
 LABELS = {"popularity": "Popularity", "sasrec_id": "SASRec (ID)", "sasrec_llminit": "LLMInit",
-          "sasrec_morec": "MoRec", "sasrec_whitenrec": "WhitenRec", "sasrec_alphafuse": "AlphaFuse (SASRec)",
-          "dreamrec_id": "DreamRec (ID)", "dreamrec_alphafuse": "AlphaFuse (DreamRec)",
+          "sasrec_morec": "MoRec", "sasrec_whitenrec": "WhitenRec", "sasrec_unisrec": "UniSRec",
+          "sasrec_rlmrec": "RLMRec", "sasrec_llmesr": "LLM-ESR", "sasrec_alphafuse": "AlphaFuse (SASRec)",
+          "dreamrec_id": "DreamRec (ID)", "dreamrec_llminit": "LLMInit (DreamRec)", "dreamrec_morec": "MoRec (DreamRec)",
+          "dreamrec_whitenrec": "WhitenRec (DreamRec)", "dreamrec_unisrec": "UniSRec (DreamRec)",
+          "dreamrec_rlmrec": "RLMRec (DreamRec)", "dreamrec_llmesr": "LLM-ESR (DreamRec)", "dreamrec_idreamrec": "iDreamRec",
+          "dreamrec_alphafuse": "AlphaFuse (DreamRec)",
           "ablation_nostand": "w/o Stand", "ablation_noclip": "w/o Clip (d = d_l)", "ablation_nofrozen": "w/o Frozen",
           "official_fileorder": "official batch order", "official_redraw": "official negatives"}
 MAIN = [m for m in LABELS if not m.startswith(("ablation", "official"))]

@@ -4,8 +4,8 @@
 #   JOBS=2 EPOCHS=5 DIFF_EPOCHS=2 DIFF_LR=1e-3 bash reproduce.sh     # the short CPU schedule
 # For each dataset (amazon-toys and amazon-beauty with --split user, ml-1m with --split loo):
 # prepare, embed with the local server (embed_local.sh), decompose (d = 128, d_n = 64 for SASRec;
-# d = d_l, tau = 0.25 for DreamRec), then SEEDS x (SASRec with every --item_emb, DreamRec with
-# alphafuse and id) and the popularity recommender. On ABLATE (default amazon-toys) also the paper's
+# d = d_l, tau = 0.25 for DreamRec), then SEEDS x (SASRec and DreamRec with every --item_emb) and
+# the popularity recommender. On ABLATE (default amazon-toys) also the paper's
 # ablations of AlphaFuse-SASRec: w/o Stand (decompose --no_standardize), w/o Clip (d = d_l, the
 # same d_n = 64) and w/o Frozen (--train_lang); and AlphaFuse with one setting of the official code
 # each, to measure our deliberate differences: its fixed batch order (--file_order) and its redrawn
@@ -29,8 +29,8 @@ DATA_ROOT=${DATA_ROOT:-data}
 DOCS=${DOCS:-docs}                # results.md, spectrum_NAME.png, curves_NAME.png
 DATASETS=${DATASETS:-"amazon-toys amazon-beauty ml-1m"}
 SEEDS=${SEEDS:-"0 1 2"}
-SASREC=${SASREC-"alphafuse id llminit morec whitenrec"}
-DREAMREC=${DREAMREC-"alphafuse id"}
+SASREC=${SASREC-"alphafuse id llminit morec whitenrec unisrec rlmrec"}
+DREAMREC=${DREAMREC-"alphafuse id llminit morec whitenrec unisrec rlmrec idreamrec"}
 ABLATE=${ABLATE-amazon-toys}
 EPOCHS=${EPOCHS:-200}            # SASRec, at most; early stopping after PATIENCE validations without a better one
 PATIENCE=${PATIENCE:-10}

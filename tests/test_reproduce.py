@@ -8,6 +8,7 @@ an interrupted run resumes, a failing run fails the script, bad input fails with
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -36,7 +37,8 @@ def reproduce(root, **settings):
     """bash reproduce.sh with everything under `root`; returns the CompletedProcess."""
     env = dict(os.environ, PY=sys.executable, SHARED=str(root / "shared"), DATA_ROOT=str(root / "data"),
                OUT=str(root / "runs"), DOCS=str(root / "docs"), DATASETS="toy", ABLATE="toy", SEEDS="0 1",
-               EPOCHS="2", DIFF_EPOCHS="1", DIFF_LR="1e-3", JOBS="2", RESULTS=str(root / "results"))
+               EPOCHS="2", DIFF_EPOCHS="1", DIFF_LR="1e-3", JOBS="2", RESULTS=str(root / "results"),
+               SASREC="alphafuse id llminit morec whitenrec", DREAMREC="alphafuse id")  # the other baselines: their own tests
     env.update(settings)
     return run_command(["bash", os.path.join(REPO, "reproduce.sh")], env=env, timeout=HANG_TIMEOUT)
 
@@ -269,3 +271,15 @@ def test_report_output_folder_that_cannot_be_made(tmp_path):
     (tmp_path / "toy" / "sasrec_id_s0").mkdir(parents=True)
     (tmp_path / "file").write_text("")
     assert_clean_error(run_script("report.py", tmp_path, "--plots", tmp_path / "file" / "plots"), "file/plots")
+
+
+def test_reproduce_runs_every_item_embedding_of_both_trainers_by_default():
+    """reproduce.sh's default SASREC and DREAMREC lists are the trainers' --item_emb choices, and
+    report.py has a label for each run they name."""
+    text = open(os.path.join(REPO, "reproduce.sh")).read()
+    for script, var, backbone in (("train_discriminative.py", "SASREC", "sasrec"), ("train_diffusion.py", "DREAMREC", "dreamrec")):
+        default = re.search(var + r'=\$\{' + var + r'-"([^"]*)"\}', text).group(1).split()
+        usage = run_script(script, "--help").stdout
+        choices = re.search(r"--item_emb \{([^}]*)\}", usage).group(1).split(",")
+        assert sorted(default) == sorted(choices), script
+        assert all(f"{backbone}_{emb}" in report.LABELS for emb in choices), script
