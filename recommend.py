@@ -117,12 +117,12 @@ def encode_history(ids, index, L, where):
 def check_new_items(model, ckpt, path):
     """An item the model was not trained on can be scored by an item embedding built on language
     vectors (alphafuse: its language coordinates and a zero ID part; morec, whitenrec, unisrec: the
-    adapter applied to its vector), never by a table with one trained row per item (id, llminit; rlmrec's
+    adapter applied to its vector; idreamrec: its whitened vector), never by a table with one trained row per item (id, llminit; rlmrec's
     is an nn.Embedding too)."""
     if isinstance(model.item_emb, torch.nn.Embedding):
         raise DataError(f"{path}: its item embedding '{ckpt['model_args'].get('item_emb')}' is a table with one "
                         "trained row per item, so it cannot score items it was not trained on (alphafuse, morec, "
-                        "whitenrec and unisrec can)")
+                        "whitenrec, unisrec and idreamrec can)")
 
 
 def new_item_rows(args, model, ckpt, data_dir):
