@@ -165,7 +165,7 @@ def run(args):
         model_args.update(d_in=dims["d_in"], experts=args.experts)
     model = build_model(model_args, init, meta.get("cold_items", [])).to(device)  # prepare.py --cold_items
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    loss_fn = lambda seq, target: model.loss(seq, target, gens["noise"])
+    loss_fn = lambda seq, target, user: model.loss(seq, target, gens["noise"])
     fit(args, model, model_args, optimizer, loss_fn, gens, "dreamrec", {**vars(args), "device": device, **provenance})
 
 

@@ -14,8 +14,12 @@ item embedding, then evaluate the best checkpoint once on test.
              whitenrec  frozen whitened language embeddings (all d_l directions) -> MLP adapter
              unisrec    frozen raw language embeddings -> UniSRec's MoE adaptor of --experts
                         parametric whitening layers (embeddings.MoEAdaptorEmbedding)
+             llmesr     LLM-ESR: a table initialised by PCA of the raw language embeddings beside
+                        the frozen ones through an adapter (2d items), the views fused by
+                        cross-attention and concatenation, one shared encoder, plus --alpha times a
+                        self-distillation towards --sim_users similar users (DualViewEmbedding)
 Reads  DATA/{train,valid,test}.npz, DATA/meta.json, and --subspace (alphafuse, llminit) or
-       DATA/lang_emb.npy (morec, whitenrec, unisrec).
+       DATA/lang_emb.npy (morec, whitenrec, unisrec, llmesr).
 Writes RUN/ckpt.pt (best validation NDCG@20), RUN/last.pt (latest epoch, for --resume),
        RUN/log.jsonl (one line per epoch), RUN/metrics.json (test, best checkpoint).
 Prints one line per epoch (loss, validation metrics, seconds, samples/s), a progress line every
@@ -31,21 +35,76 @@ that hit the target are masked out instead of drawn again (--redraw_negatives fo
 rule); evaluation runs in eval mode without gradients.
 Cold items (prepare.py --cold_items) are never touched: negatives are drawn among the warm items
 only, ce's softmax leaves them out, and their rows stay as they started: zero ID parts, llminit's
-and --train_lang's language rows (those two tables then take no weight decay, which would shrink them).
+and --train_lang's language rows, llmesr's PCA rows (those tables then take no weight decay, which
+would shrink them).
 """
 
 import argparse
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import common
 from common import DataError
 from embeddings import make_item_embedding
-from model import SampledScores, SASRecEncoder, seed_everything
-from training import add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults
+from model import SampledScores, SASRecEncoder, attention_mask, seed_everything
+from training import add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults, whole_sequences
+
+# -----------------------------------------------------------------------------
+# LLM-ESR's sequence-level fusion and retrieval (Liu et al., NeurIPS 2024, arXiv 2405.20646; its
+# items are embeddings.DualViewEmbedding, its self-distillation SASRec.self_distillation)
+
+
+class CrossViewAttention(torch.nn.Module):
+    """LLM-ESR's cross-attention between the views ("Dual-view Modeling", sequence-level fusion): a
+    view's sequence x (B, L, d) re-read through the other view's sequence y, softmax(Q K^T / sqrt(d/h)) V
+    with Q = y W_Q, K = x W_K, V = x W_V. The output keeps x's values, so it stays in the view its
+    items are scored in; y steers where to attend (the direction of the authors' code, its id2llm and
+    llm2id). No output projection and no residual (the authors' code adds the first, and keeps
+    none of x). Unlike the authors' code it is causal, with the encoder's padding-aware mask: whole
+    sequences train every position on its next item, which an unmasked attention would show it."""
+
+    def __init__(self, d, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.kv = torch.nn.Linear(d, d, bias=False), torch.nn.Linear(d, 2 * d, bias=False)
+
+    def forward(self, x, y, attn_mask):  # x, y (B, L, d), attn_mask (B, 1, L, L) -> (B, L, d)
+        B, L, d = x.shape
+        h = self.num_heads
+        q = self.q(y).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, d/h)
+        k, v = self.kv(x).view(B, L, 2, h, d // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, L, d/h)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, L, d)
+
+
+def similar_users(train, features, n, num_users):
+    """LLM-ESR's retrieval ("Retrieval Augmented Self-Distillation"): each training user's n most
+    similar other training users by the cosine of their LLM user embeddings. The paper embeds a
+    prompt of the user's interactions with the LLM; we have no user texts, so a user's LLM embedding
+    is the mean of the LLM embeddings (features (N+1, d_l)) of the user's training items: every
+    window's target and the first window's history item, the whole training sequence, no valid or
+    test target. train: windows (seq (n, L), target (n,), user (n,)) tensors. Returns similar
+    (num_users, n) user indices, never the user itself (rows of users without training windows
+    are unused), and teacher_seq (num_users, L), each training user's last L training items."""
+    user, seq, target = train["user"], train["seq"], train["target"]
+    users, first = (torch.from_numpy(a) for a in np.unique(user.numpy(), return_index=True))  # (T,) each
+    items = torch.cat([target, seq[first, -1]])  # every training item of every user once
+    emb = torch.zeros(num_users, features.shape[1]).index_add_(0, torch.cat([user, users]), features[items])
+    emb = F.normalize(emb[users], dim=1)  # (T, d_l); the mean's direction is the sum's
+    n = min(n, len(users) - 1)
+    similar = torch.zeros(num_users, n, dtype=torch.long)
+    for i in range(0, len(users), 1024):  # (1024, T) similarities at a time
+        sim = emb[i:i + 1024] @ emb.T
+        sim[torch.arange(len(sim)), torch.arange(i, i + len(sim))] = float("-inf")  # not the user itself
+        similar[users[i:i + 1024]] = users[sim.topk(n, dim=1).indices]
+    whole = whole_sequences(train)
+    teacher_seq = torch.zeros(num_users, seq.shape[1], dtype=torch.long)
+    teacher_seq[whole["user"]] = torch.cat([whole["seq"][:, 1:], whole["target"][:, -1:]], 1)
+    return similar, teacher_seq
+
 
 # -----------------------------------------------------------------------------
 # the model
@@ -60,7 +119,12 @@ class SASRec(torch.nn.Module):
         self.num_items, self.score, self.eval_score, self.temperature = num_items, score, eval_score, temperature
         self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init, cold,
                                             experts)
-        self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
+        self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)  # llmesr: both views share it
+        # llmesr: [co re-read by se, se re-read by co], and the teachers of its self-distillation
+        # (similar (U, N), teacher_seq (U, L), set by run: training only, not in the checkpoint)
+        self.cross = torch.nn.ModuleList(CrossViewAttention(d, num_heads) for _ in range(2)) if item_emb == "llmesr" else None
+        self.register_buffer("similar", None, persistent=False)
+        self.register_buffer("teacher_seq", None, persistent=False)
         # cold items (training only, not in the checkpoint) are no candidate of any loss: the model
         # never learns of them, so it ranks them as items that arrive after training
         not_warm = torch.zeros(num_items + 1, dtype=torch.bool)
@@ -72,10 +136,29 @@ class SASRec(torch.nn.Module):
         emb = self.item_emb
         return emb.weight if isinstance(emb, torch.nn.Embedding) else emb.table()
 
-    def user_state(self, seq, table, all_positions=False):  # (B, L), table() -> (B, d), or (B, L, d)
+    def user_state(self, seq, table, all_positions=False):  # (B, L), table() -> (B, D), or (B, L, D)
         # rows of the step's table; index_select's backward is one index_add, faster than F.embedding's
-        seq_emb = table.index_select(0, seq.flatten()).view(*seq.shape, -1)  # (B, L, d)
-        return self.encoder(seq_emb, seq, all_positions)
+        seq_emb = table.index_select(0, seq.flatten()).view(*seq.shape, -1)  # (B, L, D)
+        if self.cross is None:
+            return self.encoder(seq_emb, seq, all_positions)
+        # llmesr (D = 2d): each view's sequence re-read by the other, both through the one encoder
+        # in one pass, then u = [u^co, u^se], scored against items [e^co, e^se]
+        co, se = seq_emb.chunk(2, dim=-1)  # (B, L, d) each
+        mask = attention_mask(seq)[:, None]  # (B, 1, L, L)
+        x = torch.cat([self.cross[0](co, se, mask), self.cross[1](se, co, mask)])  # (2B, L, d)
+        return torch.cat(self.encoder(x, seq.repeat(2, 1), all_positions).chunk(2), dim=-1)
+
+    def self_distillation(self, u, user, table):
+        """LLM-ESR's retrieval augmented self-distillation: the state u (B, D) of each sample's
+        user (B,) is drawn to the teacher u^T, the mean of the states of the user's N retrieved
+        similar users (similar_users: their last L training items, encoded by this model),
+        L_sd = mean squared error over the B users and the D coordinates (as the authors' code, whose
+        scale the paper's alpha = 0.1 was tuned on). The teacher is a constant: no gradient flows
+        into it (the authors' code detaches it). Each similar user of the batch is encoded once."""
+        teachers, which = self.similar[user].unique(return_inverse=True)  # (M,), (B, N)
+        with torch.no_grad():
+            states = self.user_state(self.teacher_seq[teachers], table)  # (M, D)
+        return F.mse_loss(u, states[which].mean(1))  # (B, N, D) -> (B, D)
 
     def logits(self, u, e, score):
         """u (B, d) against every item e (N+1, d) -> (B, N+1); 1/tau is folded into the user states."""
@@ -99,23 +182,26 @@ class SASRec(torch.nn.Module):
             return lambda seq: self.user_state(seq, table), table
         return lambda seq: F.normalize(self.user_state(seq, table), dim=-1) / self.temperature, F.normalize(table, dim=-1)
 
-    def loss(self, seq, target, loss, neg_ratio, generator, neg=None, redraw=False):
+    def loss(self, seq, target, loss, neg_ratio, generator, neg=None, redraw=False, user=None, alpha=0.0):
         """seq (B, L) histories and target (B,) their next items (windows), or target (B, L) the
         next item after every position, 0 after padding (whole sequences: every real position
         is a sample). InfoNCE and BCE draw K uniform negatives per sample unless `neg` gives them;
         a negative that is the target is masked out, or with `redraw` drawn again until it is not
-        (the official code's rule)."""
+        (the official code's rule). With teachers (llmesr), the samples' users (B,) and alpha > 0,
+        plus alpha L_sd on the state of each sample's last position (LLM-ESR: L = L_rank + alpha L_sd)."""
         table = self.table()  # (N+1, d), computed once per step
         if target.dim() == 2:
             real = target > 0  # (B, L)
-            u, target = self.user_state(seq, table, all_positions=True)[real], target[real]  # (P, d), (P,)
+            states = self.user_state(seq, table, all_positions=True)  # (B, L, d)
+            u, target, last = states[real], target[real], states[:, -1]  # (P, d), (P,), (B, d)
         else:
-            u = self.user_state(seq, table)  # (B, d)
+            u = last = self.user_state(seq, table)  # (B, d)
+        distill = alpha * self.self_distillation(last, user, table) if alpha and user is not None and self.similar is not None else 0.0
         if loss == "ce":  # full softmax over the N items (the warm ones)
             logits = self.logits(u, table, self.score)  # (P, N+1)
             if self.cold is not None:
                 logits = logits.index_fill(1, self.cold, float("-inf"))
-            return F.cross_entropy(logits[:, 1:], target - 1)
+            return F.cross_entropy(logits[:, 1:], target - 1) + distill
         if neg is None:
             neg = self.draw_items((len(target), neg_ratio), generator, seq.device)
             while redraw and (hit := neg == target[:, None]).any():
@@ -123,10 +209,10 @@ class SASRec(torch.nn.Module):
         logits = self.sampled_logits(u, table, torch.cat([target[:, None], neg], 1), self.score)  # (P, 1+K)
         pos, neg_logits = logits[:, 0], logits[:, 1:].masked_fill(neg == target[:, None], float("-inf"))
         if loss == "infonce":  # the positive against K uniform negatives
-            return F.cross_entropy(torch.cat([pos[:, None], neg_logits], 1), torch.zeros_like(target))
+            return F.cross_entropy(torch.cat([pos[:, None], neg_logits], 1), torch.zeros_like(target)) + distill
         hit = neg_logits.isfinite()  # bce: each negative that is not the target
         neg_term = (F.softplus(neg_logits) * hit).sum(1) / hit.sum(1).clamp(min=1)
-        return (F.softplus(-pos) + neg_term).mean()
+        return (F.softplus(-pos) + neg_term).mean() + distill
 
     def draw_items(self, shape, generator, device):
         """Uniform negatives (shape) among the items 1..N, or among the warm items only when the
@@ -155,6 +241,11 @@ def run(args):
         model_args.update(d_in=dims["d_in"], experts=args.experts)
     cold = meta.get("cold_items", [])  # prepare.py --cold_items: held out of training
     model = build_model(model_args, init, cold).to(device)
+    if args.item_emb == "llmesr" and args.alpha:  # the self-distillation's teachers, from the training windows only
+        train = {k: torch.from_numpy(v) for k, v in common.load_split(args.data, "train", meta["num_items"]).items()}
+        similar, teacher_seq = similar_users(train, init, args.sim_users, len(meta["user_history_len"]))
+        if similar.shape[1]:  # a single training user has no other to learn from
+            model.similar, model.teacher_seq = similar.to(device), teacher_seq.to(device)
     # Adam adds weight_decay * p to the gradient that keep_rows zeroed, so a cold row that is not zero
     # (llminit's table, --train_lang's language rows) would still shrink: such a table takes no weight decay
     held = [p for p in model.item_emb.parameters() if cold and p.dim() == 2 and len(p) == meta["num_items"] + 1
@@ -163,8 +254,8 @@ def run(args):
               {"params": held, "weight_decay": 0.0}] if held else model.parameters()
     # fused: one kernel over all parameters (CPU and CUDA), 10x faster than the loop over them on CPU
     optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.weight_decay, fused=True)
-    loss_fn = lambda seq, target: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"],
-                                             redraw=args.redraw_negatives)
+    loss_fn = lambda seq, target, user: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"],
+                                                   redraw=args.redraw_negatives, user=user, alpha=args.alpha)
     fit(args, model, model_args, optimizer, loss_fn, gens, "sasrec", {**vars(args), "device": device, **provenance})
 
 
@@ -174,8 +265,10 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
     p.add_argument("--subspace", default=None, help="decompose.py output (default DATA/subspace.pt): E_lang, d_s, d_n")
     # item embedding and loss
-    p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
+    p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec", "llmesr"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
     p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
+    p.add_argument("--alpha", type=float, default=0.1, help="alpha, weight of LLM-ESR's self-distillation loss L_sd (llmesr; 0: none)")
+    p.add_argument("--sim_users", type=int, default=10, help="N, retrieved similar users whose mean state is the teacher (llmesr)")
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors in the null space (alphafuse)")
     p.add_argument("--train_lang", action="store_true", help="train the language coordinates too (ablation 'w/o Frozen')")
     p.add_argument("--id_replace", action="store_true", help="ID vectors replace the null coordinates instead of adding to them")
@@ -185,13 +278,14 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.07, help="tau of the cosine logits")
     p.add_argument("--score", choices=["cosine", "dot"], default="cosine", help="similarity of user state and item in training")
     p.add_argument("--eval_score", choices=["cosine", "dot"], default=None, help="similarity for ranking (default: --score; official code: dot)")
-    p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec, unisrec (alphafuse and llminit take d from --subspace)")
+    p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec, unisrec, and of each of llmesr's two views (alphafuse and llminit take d from --subspace)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--weight_decay", type=float, default=1e-6, help="Adam weight decay")
     add_loop_args(p)
     args = p.parse_args(argv)
     args.subspace = args.subspace or os.path.join(args.data, "subspace.pt")
-    check_loop_args(p, args, {"temperature": "(0, 1e37)", **({"neg_ratio": "[1, inf)"} if args.loss != "ce" else {})})
+    check_loop_args(p, args, {"temperature": "(0, 1e37)", "alpha": "[0, 1e37)", "sim_users": "[1, inf)",
+                              **({"neg_ratio": "[1, inf)"} if args.loss != "ce" else {})})
     try:
         run(args)
     except DataError as e:

@@ -33,12 +33,14 @@ def item_inputs(args, meta):
             raise DataError(f"{args.subspace}: d = {d} is not divisible by --num_heads {args.num_heads}")
         return sub["lang_emb"], {"d_s": sub["d_s"], "hidden_dim": d}, \
             {"subspace": args.subspace, "subspace_settings": sub.get("settings"), "lang_emb_sha256": sub.get("lang_emb_sha256")}
-    if args.item_emb in ("morec", "whitenrec", "unisrec"):
+    if args.item_emb in ("morec", "whitenrec", "unisrec", "llmesr"):
         path = os.path.join(args.data, "lang_emb.npy")
         emb = decompose.open_lang_emb(path)
         if len(emb) != N:
             raise DataError(f"{path}: {len(emb)} rows, meta.json says {N} items")
-        if args.item_emb != "whitenrec":  # morec and unisrec adapt the raw vectors
+        if args.item_emb == "llmesr" and args.hidden_dim > emb.shape[1]:  # d PCA directions of d_l
+            raise DataError(f"{path}: {emb.shape[1]}-d vectors, too few for --hidden_dim {args.hidden_dim} (llmesr's PCA)")
+        if args.item_emb != "whitenrec":  # morec, unisrec and llmesr adapt the raw vectors
             features = np.concatenate([np.zeros((1, emb.shape[1]), np.float32), np.asarray(emb, np.float32)])
         else:
             mean, Sigma = decompose.weighted_covariance(emb, path=path)
@@ -51,14 +53,14 @@ def item_inputs(args, meta):
 def whole_sequences(train):
     """Windows (seq (n, L), target (n,), user (n,)) -> one whole sequence per training user, its
     last L + 1 training items: seq (U, L) and target (U, L), the item after each position (0 after
-    padding). The last window of a user holds exactly those items: prepare.py writes each user's
-    windows in time order."""
+    padding), and user (U,), ascending. The last window of a user holds exactly those items:
+    prepare.py writes each user's windows in time order."""
     user = train["user"].cpu().numpy()
     last = len(user) - 1 - np.unique(user[::-1], return_index=True)[1]  # each user's last window
     last = torch.from_numpy(last).to(train["seq"].device)
     seq, target = train["seq"][last], train["target"][last]  # (U, L), (U,)
     nxt = torch.cat([seq[:, 1:], target[:, None]], 1)  # (U, L)
-    return {"seq": seq, "target": nxt.masked_fill(seq == 0, 0)}
+    return {"seq": seq, "target": nxt.masked_fill(seq == 0, 0), "user": train["user"][last]}
 
 
 def keep_freed_memory():
@@ -125,7 +127,7 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
     """The training loop both backbones share: seeded shuffled (or --file_order) batches of device-resident data,
     validation NDCG@20 every --eval_every epochs, best and last checkpoints, early stopping after
     --patience evaluations without improvement, --resume, log.jsonl, a stop at a NaN or inf loss;
-    then the best checkpoint is evaluated once on test. loss_fn(seq, target) -> scalar; gens: the seeded generators."""
+    then the best checkpoint is evaluated once on test. loss_fn(seq, target, user) -> scalar; gens: the seeded generators."""
     device = next(model.parameters()).device
     gens = dict(gens, torch=torch.default_generator)  # dropout draws from the global generator
     if device.type == "cuda":
@@ -166,7 +168,7 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
         for step, i in enumerate(range(0, n, args.batch_size), 1):
             idx = perm[i:i + args.batch_size]
             with amp:
-                loss = loss_fn(train["seq"][idx], train["target"][idx])
+                loss = loss_fn(train["seq"][idx], train["target"][idx], train["user"][idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
