@@ -2,7 +2,8 @@
 The item embeddings, one module per method, each mapping item indices (...) to (..., d) and giving
 every item's row at once with table(): AlphaFuse's fused embedding (with the loader of
 decompose.py's subspace file) and the baselines' adapters over frozen language vectors (LLM-ESR's
-dual-view items are (..., 2d)); make_item_embedding chooses among them and the plain ID table. Row 0 is the padding item, zero.
+dual-view items are (..., 2d)); make_item_embedding chooses among them and the plain ID table.
+Row 0 is the padding item, zero.
 """
 
 import torch

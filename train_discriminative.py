@@ -154,7 +154,8 @@ class SASRec(torch.nn.Module):
         similar users (similar_users: their last L training items, encoded by this model),
         L_sd = mean squared error over the B users and the D coordinates (as the authors' code, whose
         scale the paper's alpha = 0.1 was tuned on). The teacher is a constant: no gradient flows
-        into it (the authors' code detaches it). Each similar user of the batch is encoded once."""
+        into it (the authors' code detaches it); it is encoded in the model's mode, with dropout in
+        training as theirs. Each similar user of the batch is encoded once."""
         teachers, which = self.similar[user].unique(return_inverse=True)  # (M,), (B, N)
         with torch.no_grad():
             states = self.user_state(self.teacher_seq[teachers], table)  # (M, D)
@@ -196,7 +197,9 @@ class SASRec(torch.nn.Module):
             u, target, last = states[real], target[real], states[:, -1]  # (P, d), (P,), (B, d)
         else:
             u = last = self.user_state(seq, table)  # (B, d)
-        distill = alpha * self.self_distillation(last, user, table) if alpha and user is not None and self.similar is not None else 0.0
+        distill = 0.0  # LLM-ESR's alpha L_sd, where run set the teachers
+        if alpha and user is not None and self.similar is not None:
+            distill = alpha * self.self_distillation(last, user, table)
         if loss == "ce":  # full softmax over the N items (the warm ones)
             logits = self.logits(u, table, self.score)  # (P, N+1)
             if self.cold is not None:
