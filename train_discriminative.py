@@ -43,7 +43,6 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -51,11 +50,12 @@ import common
 from common import DataError
 from embeddings import make_item_embedding
 from model import SampledScores, SASRecEncoder, attention_mask, seed_everything
-from training import add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults, whole_sequences
+from training import add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults, similar_users
 
 # -----------------------------------------------------------------------------
-# LLM-ESR's sequence-level fusion and retrieval (Liu et al., NeurIPS 2024, arXiv 2405.20646; its
-# items are embeddings.DualViewEmbedding, its self-distillation SASRec.self_distillation)
+# LLM-ESR's encoder (Liu et al., NeurIPS 2024, arXiv 2405.20646; its items are
+# embeddings.DualViewEmbedding, its retrieval training.similar_users, its self-distillation
+# SASRec.self_distillation)
 
 
 class CrossViewAttention(torch.nn.Module):
@@ -80,30 +80,22 @@ class CrossViewAttention(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, L, d)
 
 
-def similar_users(train, features, n, num_users):
-    """LLM-ESR's retrieval ("Retrieval Augmented Self-Distillation"): each training user's n most
-    similar other training users by the cosine of their LLM user embeddings. The paper embeds a
-    prompt of the user's interactions with the LLM; we have no user texts, so a user's LLM embedding
-    is the mean of the LLM embeddings (features (N+1, d_l)) of the user's training items: every
-    window's target and the first window's history item, the whole training sequence, no valid or
-    test target. train: windows (seq (n, L), target (n,), user (n,)) tensors. Returns similar
-    (num_users, n) user indices, never the user itself (rows of users without training windows
-    are unused), and teacher_seq (num_users, L), each training user's last L training items."""
-    user, seq, target = train["user"], train["seq"], train["target"]
-    users, first = (torch.from_numpy(a) for a in np.unique(user.numpy(), return_index=True))  # (T,) each
-    items = torch.cat([target, seq[first, -1]])  # every training item of every user once
-    emb = torch.zeros(num_users, features.shape[1]).index_add_(0, torch.cat([user, users]), features[items])
-    emb = F.normalize(emb[users], dim=1)  # (T, d_l); the mean's direction is the sum's
-    n = min(n, len(users) - 1)
-    similar = torch.zeros(num_users, n, dtype=torch.long)
-    for i in range(0, len(users), 1024):  # (1024, T) similarities at a time
-        sim = emb[i:i + 1024] @ emb.T
-        sim[torch.arange(len(sim)), torch.arange(i, i + len(sim))] = float("-inf")  # not the user itself
-        similar[users[i:i + 1024]] = users[sim.topk(n, dim=1).indices]
-    whole = whole_sequences(train)
-    teacher_seq = torch.zeros(num_users, seq.shape[1], dtype=torch.long)
-    teacher_seq[whole["user"]] = torch.cat([whole["seq"][:, 1:], whole["target"][:, -1:]], 1)
-    return similar, teacher_seq
+class DualViewEncoder(torch.nn.Module):
+    """LLM-ESR's sequence encoder: item sequences [co, se] (B, L, 2d) -> each view's sequence re-read
+    by the other (CrossViewAttention), both through one shared SASRecEncoder (the paper's shared
+    encoder, in one pass) -> u = [u^co, u^se] (B, 2d), or (B, L, 2d) with all_positions, scored
+    against items [e^co, e^se] (embeddings.DualViewEmbedding): the logit-level fusion."""
+
+    def __init__(self, d, max_len, num_blocks, num_heads, dropout):
+        super().__init__()
+        self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
+        self.cross = torch.nn.ModuleList(CrossViewAttention(d, num_heads) for _ in range(2))  # co by se, se by co
+
+    def forward(self, seq_emb, seq, all_positions=False):  # seq_emb (B, L, 2d), seq (B, L) indices, 0 = padding
+        co, se = seq_emb.chunk(2, dim=-1)  # (B, L, d) each
+        mask = attention_mask(seq)[:, None]  # (B, 1, L, L)
+        x = torch.cat([self.cross[0](co, se, mask), self.cross[1](se, co, mask)])  # (2B, L, d)
+        return torch.cat(self.encoder(x, seq.repeat(2, 1), all_positions).chunk(2), dim=-1)
 
 
 # -----------------------------------------------------------------------------
@@ -119,10 +111,10 @@ class SASRec(torch.nn.Module):
         self.num_items, self.score, self.eval_score, self.temperature = num_items, score, eval_score, temperature
         self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init, cold,
                                             experts)
-        self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)  # llmesr: both views share it
-        # llmesr: [co re-read by se, se re-read by co], and the teachers of its self-distillation
-        # (similar (U, N), teacher_seq (U, L), set by run: training only, not in the checkpoint)
-        self.cross = torch.nn.ModuleList(CrossViewAttention(d, num_heads) for _ in range(2)) if item_emb == "llmesr" else None
+        encoder = DualViewEncoder if item_emb == "llmesr" else SASRecEncoder
+        self.encoder = encoder(d, max_len, num_blocks, num_heads, dropout)
+        # llmesr's teachers of the self-distillation (similar (U, N), teacher_seq (U, L)), set by
+        # run: training only, not in the checkpoint
         self.register_buffer("similar", None, persistent=False)
         self.register_buffer("teacher_seq", None, persistent=False)
         # cold items (training only, not in the checkpoint) are no candidate of any loss: the model
@@ -136,17 +128,10 @@ class SASRec(torch.nn.Module):
         emb = self.item_emb
         return emb.weight if isinstance(emb, torch.nn.Embedding) else emb.table()
 
-    def user_state(self, seq, table, all_positions=False):  # (B, L), table() -> (B, D), or (B, L, D)
+    def user_state(self, seq, table, all_positions=False):  # (B, L), table() -> (B, d), or (B, L, d)
         # rows of the step's table; index_select's backward is one index_add, faster than F.embedding's
-        seq_emb = table.index_select(0, seq.flatten()).view(*seq.shape, -1)  # (B, L, D)
-        if self.cross is None:
-            return self.encoder(seq_emb, seq, all_positions)
-        # llmesr (D = 2d): each view's sequence re-read by the other, both through the one encoder
-        # in one pass, then u = [u^co, u^se], scored against items [e^co, e^se]
-        co, se = seq_emb.chunk(2, dim=-1)  # (B, L, d) each
-        mask = attention_mask(seq)[:, None]  # (B, 1, L, L)
-        x = torch.cat([self.cross[0](co, se, mask), self.cross[1](se, co, mask)])  # (2B, L, d)
-        return torch.cat(self.encoder(x, seq.repeat(2, 1), all_positions).chunk(2), dim=-1)
+        seq_emb = table.index_select(0, seq.flatten()).view(*seq.shape, -1)  # (B, L, d)
+        return self.encoder(seq_emb, seq, all_positions)
 
     def self_distillation(self, u, user, table):
         """LLM-ESR's retrieval augmented self-distillation: the state u (B, D) of each sample's

@@ -1,7 +1,7 @@
 """
 The training loop both trainers share (train_discriminative.py, SASRec; train_diffusion.py,
 DreamRec): the inputs of the item embeddings, the two training regimes (windows and whole
-sequences), seeded shuffled batches, progress lines, validation, early stopping, checkpoints,
+sequences), LLM-ESR's retrieval of similar users, seeded shuffled batches, progress lines, validation, early stopping, checkpoints,
 --resume, log.jsonl, the stop at a non-finite loss, the final test; and the flags of all this.
 Import only; nothing runs here.
 """
@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import common
 import decompose
@@ -61,6 +62,32 @@ def whole_sequences(train):
     seq, target = train["seq"][last], train["target"][last]  # (U, L), (U,)
     nxt = torch.cat([seq[:, 1:], target[:, None]], 1)  # (U, L)
     return {"seq": seq, "target": nxt.masked_fill(seq == 0, 0), "user": train["user"][last]}
+
+
+def similar_users(train, features, n, num_users):
+    """LLM-ESR's retrieval ("Retrieval Augmented Self-Distillation"): each training user's n most
+    similar other training users by the cosine of their LLM user embeddings. The paper embeds a
+    prompt of the user's interactions with the LLM; we have no user texts, so a user's LLM embedding
+    is the mean of the LLM embeddings (features (N+1, d_l)) of the user's training items: every
+    window's target and the first window's history item, the whole training sequence, no valid or
+    test target. train: windows (seq (n, L), target (n,), user (n,)) tensors. Returns similar
+    (num_users, n) user indices, never the user itself (rows of users without training windows
+    are unused), and teacher_seq (num_users, L), each training user's last L training items."""
+    user, seq, target = train["user"], train["seq"], train["target"]
+    users, first = (torch.from_numpy(a) for a in np.unique(user.numpy(), return_index=True))  # (T,) each
+    items = torch.cat([target, seq[first, -1]])  # every training item of every user once
+    emb = torch.zeros(num_users, features.shape[1]).index_add_(0, torch.cat([user, users]), features[items])
+    emb = F.normalize(emb[users], dim=1)  # (T, d_l); the mean's direction is the sum's
+    n = min(n, len(users) - 1)
+    similar = torch.zeros(num_users, n, dtype=torch.long)
+    for i in range(0, len(users), 1024):  # (1024, T) similarities at a time
+        sim = emb[i:i + 1024] @ emb.T
+        sim[torch.arange(len(sim)), torch.arange(i, i + len(sim))] = float("-inf")  # not the user itself
+        similar[users[i:i + 1024]] = users[sim.topk(n, dim=1).indices]
+    whole = whole_sequences(train)
+    teacher_seq = torch.zeros(num_users, seq.shape[1], dtype=torch.long)
+    teacher_seq[whole["user"]] = torch.cat([whole["seq"][:, 1:], whole["target"][:, -1:]], 1)
+    return similar, teacher_seq
 
 
 def keep_freed_memory():

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 import common
 import train_discriminative
+import training
 from conftest import prepare_toy, read_json, read_log, run_main
 from test_recommend import new_items, parse, recommend_cli, server, toy  # noqa: F401 (fixtures)
 
@@ -69,8 +70,8 @@ def test_llm_embeddings_stay_frozen_while_adapter_table_and_cross_attention_trai
     seq = seqs()
     before = adam_step(model, seq, seq[:, -1] % N + 1)
     assert torch.equal(emb.features, lang)
-    for name in ("item_emb.adapter.0.weight", "item_emb.adapter.1.weight", "cross.0.q.weight", "cross.0.kv.weight",
-                 "cross.1.q.weight", "cross.1.kv.weight"):
+    for name in ("item_emb.adapter.0.weight", "item_emb.adapter.1.weight", "encoder.cross.0.q.weight",
+                 "encoder.cross.0.kv.weight", "encoder.cross.1.q.weight", "encoder.cross.1.kv.weight"):
         assert not torch.equal(dict(model.named_parameters())[name], before[name]), f"{name} did not train"
     moved = (emb.co_emb != before["item_emb.co_emb"]).any(1)
     assert moved[seq[seq > 0]].all() and not moved[0], "the collaborative rows of the batch's items did not train"
@@ -119,8 +120,8 @@ def test_score_is_the_dot_product_of_the_concatenated_views():
     e_co, e_se = emb.co_emb, emb.adapter(emb.features) * (torch.arange(N + 1) > 0)[:, None]  # (N+1, d) each
     co, se = e_co[seq], e_se[seq]  # (B, L, d)
     mask = train_discriminative.attention_mask(seq)[:, None]
-    u_co = model.encoder(model.cross[0](co, se, mask), seq)
-    u_se = model.encoder(model.cross[1](se, co, mask), seq)
+    cross, encoder = model.encoder.cross, model.encoder.encoder
+    u_co, u_se = encoder(cross[0](co, se, mask), seq), encoder(cross[1](se, co, mask), seq)
     query, table = model.scorer()
     torch.testing.assert_close(query(seq) @ table.T, u_co @ e_co.T + u_se @ e_se.T, rtol=1e-5, atol=1e-5)
 
@@ -163,9 +164,9 @@ def test_retrieval_returns_the_most_similar_other_training_users():
     features[[1, 2], 0] = features[[3, 4], 1] = features[[5, 6], 2] = 1
     features[7] = torch.tensor([0.6, 0.8, 0.0])
     train = windows({0: [1, 2], 1: [1, 7], 2: [3, 4], 3: [4, 7], 4: [5, 4]})
-    similar, teacher_seq = train_discriminative.similar_users(train, features, 1, num_users=6)
+    similar, teacher_seq = training.similar_users(train, features, 1, num_users=6)
     assert similar[:5, 0].tolist() == [1, 0, 3, 2, 2]
-    similar, _ = train_discriminative.similar_users(train, features, 2, num_users=6)
+    similar, _ = training.similar_users(train, features, 2, num_users=6)
     for u in range(5):
         assert u not in similar[u].tolist() and 5 not in similar[u].tolist()
     assert similar[0].tolist() == [1, 3] and similar[2].tolist() == [3, 4]
