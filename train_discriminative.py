@@ -134,9 +134,9 @@ class SASRec(torch.nn.Module):
         return self.encoder(seq_emb, seq, all_positions)
 
     def self_distillation(self, u, user, table):
-        """LLM-ESR's retrieval augmented self-distillation: the state u (B, D) of each sample's
+        """LLM-ESR's retrieval augmented self-distillation: the state u (B, D = 2d) of each sample's
         user (B,) is drawn to the teacher u^T, the mean of the states of the user's N retrieved
-        similar users (similar_users: their last L training items, encoded by this model),
+        similar users (training.similar_users: their last L training items, encoded by this model),
         L_sd = mean squared error over the B users and the D coordinates (as the authors' code, whose
         scale the paper's alpha = 0.1 was tuned on). The teacher is a constant: no gradient flows
         into it (the authors' code detaches it); it is encoded in the model's mode, with dropout in
