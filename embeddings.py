@@ -1,9 +1,9 @@
 """
 The item embeddings, one module per method, each mapping item indices (...) to (..., d) and giving
 every item's row at once with table(): AlphaFuse's fused embedding (with the loader of
-decompose.py's subspace file), the baselines' adapters over frozen language vectors and RLMRec's
-aligned ID table; make_item_embedding chooses among them and the plain ID table. Row 0 is the
-padding item, zero.
+decompose.py's subspace file), the baselines' adapters over frozen language vectors, RLMRec's
+aligned ID table and LLM-ESR's dual-view items ((..., 2d)); make_item_embedding chooses among them
+and the plain ID table. Row 0 is the padding item, zero.
 """
 
 import torch
@@ -213,15 +213,67 @@ class FrozenEmbedding(AdapterEmbedding):
 
     def adapt(self, x):  # (..., d) -> (..., d): the vector is the item
         return x
+def principal_directions(x, d):
+    """PCA of the rows x (N, d_l): their mean (d_l,) and the d directions of most variance (d_l, d),
+    so that (x - mean) @ basis is sklearn's PCA(d).fit_transform(x); float64 eigh, each direction's
+    sign fixed (its largest entry positive), as decompose.eigendecompose."""
+    x = x.double()
+    mean = x.mean(0)
+    _, U = torch.linalg.eigh((x - mean).T @ (x - mean))  # ascending eigenvalues
+    U = U[:, -d:].flip(1)  # (d_l, d), descending
+    U = U * U.gather(0, U.abs().argmax(0, keepdim=True)).sign()
+    return mean.float(), U.float()
+
+
+class DualViewEmbedding(torch.nn.Module):
+    """LLM-ESR's items (Liu et al., "LLM-ESR: Large Language Models Enhancement for Long-tailed
+    Sequential Recommendation", NeurIPS 2024, arXiv 2405.20646, "Dual-view Modeling"): each item is
+    e_i = [e^co_i, e^se_i] (2d), the two views side by side, so that a user [u^co, u^se] scores
+    u^co . e^co_i + u^se . e^se_i (the logit-level fusion: concatenated representations).
+    Semantic view: the item's LLM embedding E^llm_i (DATA/lang_emb.npy, d_l) is frozen (a buffer)
+    and a two-layer adapter without activation reduces it, e^se_i = W_2 (W_1 E^llm_i + b_1) + b_2,
+    W_1 (d_l -> d_l / 2), W_2 (d_l / 2 -> d), as the paper and the authors' code.
+    Collaborative view: a trainable table E^co (N+1, d), initialised with the PCA of the LLM
+    embeddings to d dimensions (all N items' texts; no interaction), the paper's dimension-reduced
+    LLM embeddings. pca_mean and pca_basis are kept, so a new item's text gives its initial row.
+    Row 0 (padding) is zero in both views; the `cold` items keep their PCA rows, untrained
+    (keep_rows), which is what a new item gets from its text (recommend.py --new_items).
+    pca=False skips the PCA (rebuilding from a checkpoint, whose state_dict holds the rows)."""
+
+    def __init__(self, features, d, cold=(), pca=True):
+        super().__init__()
+        n1, d_l = features.shape  # (N+1, d_l), row 0 zero
+        self.register_buffer("features", features)
+        self.adapter = torch.nn.Sequential(torch.nn.Linear(d_l, d_l // 2), torch.nn.Linear(d_l // 2, d))
+        mean, basis = principal_directions(features[1:], d) if pca else (torch.zeros(d_l), torch.zeros(d_l, d))
+        self.register_buffer("pca_mean", mean)  # (d_l,)
+        self.register_buffer("pca_basis", basis)  # (d_l, d)
+        rows = self.reduce(features)
+        rows[0] = 0
+        self.co_emb = keep_rows(torch.nn.Parameter(rows), cold)  # (N+1, d)
+
+    def reduce(self, x):  # (..., d_l) LLM embeddings -> (..., d) PCA coordinates
+        return (x - self.pca_mean) @ self.pca_basis
+
+    def forward(self, idx):  # (...) item indices -> (..., 2d) = [e^co, e^se]
+        co = F.embedding(idx, self.co_emb, padding_idx=0)  # (..., d)
+        se = self.adapter(self.features[idx]) * (idx > 0)[..., None]  # (..., d), padding stays zero
+        return torch.cat([co, se], dim=-1)
+
+    def table(self):  # (N+1, 2d): every item at once
+        return self.forward(torch.arange(len(self.features), device=self.features.device))
 
 
 def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None, cold=(),
                         experts=8, align="con", align_temperature=0.2):
     """The item embedding module; `init` is the language tensor it is built on (zeros as a
     placeholder when rebuilding from a checkpoint, whose state_dict then fills it). The `cold` items'
-    rows (training only) never change: zero ID rows, as a new item's; llminit's language rows.
-    `experts`: unisrec's G; `align`, `align_temperature`: rlmrec's variant and tau."""
+    rows (training only) never change: zero ID rows, as a new item's; llminit's language rows;
+    llmesr's PCA rows. `experts`: unisrec's G; `align`, `align_temperature`: rlmrec's variant and tau.
+    llmesr: d per view (2d items), PCA only from an `init`."""
     adapter = item_emb in ("morec", "whitenrec", "unisrec", "idreamrec")
+    if item_emb == "llmesr":
+        return DualViewEmbedding(torch.zeros(num_items + 1, d_in) if init is None else init, d, cold, init is not None)
     if item_emb != "id" and init is None:
         init = torch.zeros(num_items + 1, d_in if adapter or item_emb == "rlmrec" else d)
     if item_emb == "alphafuse":

@@ -189,6 +189,14 @@ class TransformerBlock(torch.nn.Module):
         return y.reshape(B, 1, d)
 
 
+def attention_mask(seq):
+    """seq (B, L) item indices, 0 = padding -> (B, L, L), True = may attend: causal, and a query may
+    see earlier real items and always itself, so no row is fully masked (no NaN)."""
+    L = seq.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
+    return causal & ((seq > 0)[:, None, :] | torch.eye(L, dtype=torch.bool, device=seq.device))
+
+
 class SASRecEncoder(torch.nn.Module):
     """item_emb(seq) + learned positions -> dropout -> causal Transformer blocks, padding positions
     zeroed after each -> a final LayerNorm: the state of the last position (B, d), or of every
@@ -205,9 +213,7 @@ class SASRecEncoder(torch.nn.Module):
         B, L, _ = seq_emb.shape
         real = seq > 0  # (B, L)
         x = self.drop(seq_emb + self.pos.weight[:L]) * real[..., None]
-        causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
-        # a query may see earlier real items and always itself, so no row is fully masked (no NaN)
-        attn_mask = causal & (real[:, None, :] | torch.eye(L, dtype=torch.bool, device=seq.device))
+        attn_mask = attention_mask(seq)  # (B, L, L)
         for i, block in enumerate(self.blocks):
             last_only = not all_positions and i == len(self.blocks) - 1
             x = block(x, attn_mask[:, None], last_only) * real[:, -x.shape[1]:, None]

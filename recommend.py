@@ -27,6 +27,8 @@ from --api_key_env), and each vector e becomes what the item embedding would hol
   alphafuse  E_lang = (scale * e - mean) @ V with the run's subspace (decompose.py's projection),
              plus a zero ID part: e_new = [E_lang[:d_s], E_lang[d_s:] + 0] (also with --train_lang)
   morec, unisrec  the adapter (unisrec: its MoE adaptor) applied to e
+  llmesr     the semantic view, its adapter applied to e, beside the collaborative view's initial
+             row, e's PCA coordinates (as a cold item keeps them): [(e - pca_mean) pca_basis, adapter(e)]
   whitenrec  the adapter applied to e whitened with the mean and covariance of DATA/lang_emb.npy,
              recomputed as the trainer computes them; idreamrec (DreamRec) the whitened e itself
   id, llminit, rlmrec (a trained row per item) cannot: one error line. A history may name new items too.
@@ -117,18 +119,20 @@ def encode_history(ids, index, L, where):
 def check_new_items(model, ckpt, path):
     """An item the model was not trained on can be scored by an item embedding built on language
     vectors (alphafuse: its language coordinates and a zero ID part; morec, whitenrec, unisrec: the
-    adapter applied to its vector; idreamrec: its whitened vector), never by a table with one trained row per item (id, llminit; rlmrec's
-    is an nn.Embedding too)."""
+    adapter applied to its vector; idreamrec: its whitened vector; llmesr: the adapted vector and its
+    PCA coordinates), never by a table with one trained row per item (id, llminit; rlmrec's is an
+    nn.Embedding too)."""
     if isinstance(model.item_emb, torch.nn.Embedding):
         raise DataError(f"{path}: its item embedding '{ckpt['model_args'].get('item_emb')}' is a table with one "
                         "trained row per item, so it cannot score items it was not trained on (alphafuse, morec, "
-                        "whitenrec, unisrec and idreamrec can)")
+                        "whitenrec, unisrec, llmesr and idreamrec can)")
 
 
 def new_item_rows(args, model, ckpt, data_dir):
     """(d_l, f): f maps language vectors (M, d_l) to what the item embedding stores for new items:
-    alphafuse's language coordinates, or the adapter inputs of morec, unisrec and whitenrec (idreamrec's
-    rows: whitenrec's inputs). Checks that the subspace or lang_emb.npy is the one the run was trained with."""
+    alphafuse's language coordinates, or the adapter inputs of morec, unisrec, llmesr and whitenrec
+    (idreamrec's rows: whitenrec's inputs). Checks that the subspace or lang_emb.npy is the one the
+    run was trained with."""
     emb, kind = model.item_emb, ckpt["model_args"].get("item_emb")
     if hasattr(emb, "id_emb"):  # alphafuse
         path = args.subspace or ckpt["config"].get("subspace")
@@ -146,7 +150,7 @@ def new_item_rows(args, model, ckpt, data_dir):
         mean, V = sub["mean"].numpy(), sub["projection"].numpy()
         return len(mean), lambda e: decompose.project(e, mean, V, scale)[1:]
     d_l = emb.features.shape[1]
-    if kind in ("morec", "unisrec"):  # the raw vectors
+    if kind in ("morec", "unisrec", "llmesr"):  # the raw vectors
         return d_l, lambda e: e
     path = os.path.join(data_dir, "lang_emb.npy")  # whitenrec, idreamrec: the trainer's whitening, recomputed
     lang = decompose.open_lang_emb(path)
@@ -189,7 +193,8 @@ def embed_texts(args, parser, data_dir, texts, d_l):
 @torch.no_grad()
 def add_items(model, rows):
     """Append items N+1..N+M to the item embedding: rows (M, ·) as new_item_rows makes them, and
-    for alphafuse a zero ID part. The scorer then ranks all N+M items."""
+    for alphafuse a zero ID part, for llmesr their PCA coordinates as the collaborative rows. The
+    scorer then ranks all N+M items."""
     emb = model.item_emb
     if hasattr(emb, "id_emb"):
         lang = torch.cat([emb.lang, rows.to(emb.lang)])
@@ -197,6 +202,8 @@ def add_items(model, rows):
         emb.id_emb = torch.nn.Parameter(torch.cat([emb.id_emb, emb.id_emb.new_zeros(len(rows), emb.id_emb.shape[1])]))
     else:
         emb.features = torch.cat([emb.features, rows.to(emb.features)])
+    if hasattr(emb, "co_emb"):  # llmesr
+        emb.co_emb = torch.nn.Parameter(torch.cat([emb.co_emb, emb.reduce(rows.to(emb.features))]))
     if hasattr(model, "all_items"):  # DreamRec scores item_emb(all_items)
         model.all_items = torch.arange(len(model.all_items) + len(rows), device=model.all_items.device)
 

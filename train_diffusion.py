@@ -196,7 +196,7 @@ def run(args):
     model = build_model(model_args, init, cold).to(device)
     optimizer = torch.optim.AdamW(param_groups(model, meta["num_items"], cold), lr=args.lr,
                                   weight_decay=args.weight_decay, fused=True)
-    loss_fn = lambda seq, target: model.loss(seq, target, gens["noise"])
+    loss_fn = lambda seq, target, user: model.loss(seq, target, gens["noise"])
     if args.item_emb == "rlmrec":
         loss_fn = with_alignment(loss_fn, model.item_emb, args.align_weight)
     fit(args, model, model_args, optimizer, loss_fn, gens, "dreamrec", {**vars(args), "device": device, **provenance})

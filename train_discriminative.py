@@ -16,8 +16,12 @@ item embedding, then evaluate the best checkpoint once on test.
                         parametric whitening layers (embeddings.MoEAdaptorEmbedding)
              rlmrec     a trainable table, as id, aligned to the frozen raw language embeddings by
                         RLMRec's --align loss times --align_weight (embeddings.RLMRecEmbedding)
+             llmesr     LLM-ESR: a table initialised by PCA of the raw language embeddings beside
+                        the frozen ones through an adapter (2d items), the views fused by
+                        cross-attention and concatenation, one shared encoder, plus --alpha times a
+                        self-distillation towards --sim_users similar users (DualViewEmbedding)
 Reads  DATA/{train,valid,test}.npz, DATA/meta.json, and --subspace (alphafuse, llminit) or
-       DATA/lang_emb.npy (morec, whitenrec, unisrec, rlmrec).
+       DATA/lang_emb.npy (morec, whitenrec, unisrec, rlmrec, llmesr).
 Writes RUN/ckpt.pt (best validation NDCG@20), RUN/last.pt (latest epoch, for --resume),
        RUN/log.jsonl (one line per epoch), RUN/metrics.json (test, best checkpoint).
 Prints one line per epoch (loss, validation metrics, seconds, samples/s), a progress line every
@@ -33,7 +37,8 @@ that hit the target are masked out instead of drawn again (--redraw_negatives fo
 rule); evaluation runs in eval mode without gradients.
 Cold items (prepare.py --cold_items) are never touched: negatives are drawn among the warm items
 only, ce's softmax leaves them out, and their rows stay as they started: zero ID parts, llminit's
-and --train_lang's language rows (those two tables then take no weight decay, which would shrink them).
+and --train_lang's language rows, llmesr's PCA rows (those tables then take no weight decay, which
+would shrink them).
 """
 
 import argparse
@@ -46,9 +51,55 @@ import torch.nn.functional as F
 import common
 from common import DataError
 from embeddings import make_item_embedding
-from model import SampledScores, SASRecEncoder, seed_everything
+from model import SampledScores, SASRecEncoder, attention_mask, seed_everything
 from training import (add_align_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults,
-                      param_groups, with_alignment)
+                      param_groups, similar_users, with_alignment)
+
+# -----------------------------------------------------------------------------
+# LLM-ESR's encoder (Liu et al., NeurIPS 2024, arXiv 2405.20646; its items are
+# embeddings.DualViewEmbedding, its retrieval training.similar_users, its self-distillation
+# SASRec.self_distillation)
+
+
+class CrossViewAttention(torch.nn.Module):
+    """LLM-ESR's cross-attention between the views ("Dual-view Modeling", sequence-level fusion): a
+    view's sequence x (B, L, d) re-read through the other view's sequence y, softmax(Q K^T / sqrt(d/h)) V
+    with Q = y W_Q, K = x W_K, V = x W_V. The output keeps x's values, so it stays in the view its
+    items are scored in; y steers where to attend (the direction of the authors' code, its id2llm and
+    llm2id). No output projection and no residual (the authors' code adds the first, and keeps
+    none of x). Unlike the authors' code it is causal, with the encoder's padding-aware mask: whole
+    sequences train every position on its next item, which an unmasked attention would show it."""
+
+    def __init__(self, d, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q, self.kv = torch.nn.Linear(d, d, bias=False), torch.nn.Linear(d, 2 * d, bias=False)
+
+    def forward(self, x, y, attn_mask):  # x, y (B, L, d), attn_mask (B, 1, L, L) -> (B, L, d)
+        B, L, d = x.shape
+        h = self.num_heads
+        q = self.q(y).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, d/h)
+        k, v = self.kv(x).view(B, L, 2, h, d // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, L, d/h)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, L, d)
+
+
+class DualViewEncoder(torch.nn.Module):
+    """LLM-ESR's sequence encoder: item sequences [co, se] (B, L, 2d) -> each view's sequence re-read
+    by the other (CrossViewAttention), both through one shared SASRecEncoder (the paper's shared
+    encoder, in one pass) -> u = [u^co, u^se] (B, 2d), or (B, L, 2d) with all_positions, scored
+    against items [e^co, e^se] (embeddings.DualViewEmbedding): the logit-level fusion."""
+
+    def __init__(self, d, max_len, num_blocks, num_heads, dropout):
+        super().__init__()
+        self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
+        self.cross = torch.nn.ModuleList(CrossViewAttention(d, num_heads) for _ in range(2))  # co by se, se by co
+
+    def forward(self, seq_emb, seq, all_positions=False):  # seq_emb (B, L, 2d), seq (B, L) indices, 0 = padding
+        co, se = seq_emb.chunk(2, dim=-1)  # (B, L, d) each
+        mask = attention_mask(seq)[:, None]  # (B, 1, L, L)
+        x = torch.cat([self.cross[0](co, se, mask), self.cross[1](se, co, mask)])  # (2B, L, d)
+        return torch.cat(self.encoder(x, seq.repeat(2, 1), all_positions).chunk(2), dim=-1)
+
 
 # -----------------------------------------------------------------------------
 # the model
@@ -63,7 +114,12 @@ class SASRec(torch.nn.Module):
         self.num_items, self.score, self.eval_score, self.temperature = num_items, score, eval_score, temperature
         self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init, cold,
                                             experts, align, align_temperature)
-        self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
+        encoder = DualViewEncoder if item_emb == "llmesr" else SASRecEncoder
+        self.encoder = encoder(d, max_len, num_blocks, num_heads, dropout)
+        # llmesr's teachers of the self-distillation (similar (U, N), teacher_seq (U, L)), set by
+        # run: training only, not in the checkpoint
+        self.register_buffer("similar", None, persistent=False)
+        self.register_buffer("teacher_seq", None, persistent=False)
         # cold items (training only, not in the checkpoint) are no candidate of any loss: the model
         # never learns of them, so it ranks them as items that arrive after training
         not_warm = torch.zeros(num_items + 1, dtype=torch.bool)
@@ -79,6 +135,19 @@ class SASRec(torch.nn.Module):
         # rows of the step's table; index_select's backward is one index_add, faster than F.embedding's
         seq_emb = table.index_select(0, seq.flatten()).view(*seq.shape, -1)  # (B, L, d)
         return self.encoder(seq_emb, seq, all_positions)
+
+    def self_distillation(self, u, user, table):
+        """LLM-ESR's retrieval augmented self-distillation: the state u (B, D = 2d) of each sample's
+        user (B,) is drawn to the teacher u^T, the mean of the states of the user's N retrieved
+        similar users (training.similar_users: their last L training items, encoded by this model),
+        L_sd = mean squared error over the B users and the D coordinates (as the authors' code, whose
+        scale the paper's alpha = 0.1 was tuned on). The teacher is a constant: no gradient flows
+        into it (the authors' code detaches it); it is encoded in the model's mode, with dropout in
+        training as theirs. Each similar user of the batch is encoded once."""
+        teachers, which = self.similar[user].unique(return_inverse=True)  # (M,), (B, N)
+        with torch.no_grad():
+            states = self.user_state(self.teacher_seq[teachers], table)  # (M, D)
+        return F.mse_loss(u, states[which].mean(1))  # (B, N, D) -> (B, D)
 
     def logits(self, u, e, score):
         """u (B, d) against every item e (N+1, d) -> (B, N+1); 1/tau is folded into the user states."""
@@ -102,23 +171,28 @@ class SASRec(torch.nn.Module):
             return lambda seq: self.user_state(seq, table), table
         return lambda seq: F.normalize(self.user_state(seq, table), dim=-1) / self.temperature, F.normalize(table, dim=-1)
 
-    def loss(self, seq, target, loss, neg_ratio, generator, neg=None, redraw=False):
+    def loss(self, seq, target, loss, neg_ratio, generator, neg=None, redraw=False, user=None, alpha=0.0):
         """seq (B, L) histories and target (B,) their next items (windows), or target (B, L) the
         next item after every position, 0 after padding (whole sequences: every real position
         is a sample). InfoNCE and BCE draw K uniform negatives per sample unless `neg` gives them;
         a negative that is the target is masked out, or with `redraw` drawn again until it is not
-        (the official code's rule)."""
+        (the official code's rule). With teachers (llmesr), the samples' users (B,) and alpha > 0,
+        plus alpha L_sd on the state of each sample's last position (LLM-ESR: L = L_rank + alpha L_sd)."""
         table = self.table()  # (N+1, d), computed once per step
         if target.dim() == 2:
             real = target > 0  # (B, L)
-            u, target = self.user_state(seq, table, all_positions=True)[real], target[real]  # (P, d), (P,)
+            states = self.user_state(seq, table, all_positions=True)  # (B, L, d)
+            u, target, last = states[real], target[real], states[:, -1]  # (P, d), (P,), (B, d)
         else:
-            u = self.user_state(seq, table)  # (B, d)
+            u = last = self.user_state(seq, table)  # (B, d)
+        distill = 0.0  # LLM-ESR's alpha L_sd, where run set the teachers
+        if alpha and user is not None and self.similar is not None:
+            distill = alpha * self.self_distillation(last, user, table)
         if loss == "ce":  # full softmax over the N items (the warm ones)
             logits = self.logits(u, table, self.score)  # (P, N+1)
             if self.cold is not None:
                 logits = logits.index_fill(1, self.cold, float("-inf"))
-            return F.cross_entropy(logits[:, 1:], target - 1)
+            return F.cross_entropy(logits[:, 1:], target - 1) + distill
         if neg is None:
             neg = self.draw_items((len(target), neg_ratio), generator, seq.device)
             while redraw and (hit := neg == target[:, None]).any():
@@ -126,10 +200,10 @@ class SASRec(torch.nn.Module):
         logits = self.sampled_logits(u, table, torch.cat([target[:, None], neg], 1), self.score)  # (P, 1+K)
         pos, neg_logits = logits[:, 0], logits[:, 1:].masked_fill(neg == target[:, None], float("-inf"))
         if loss == "infonce":  # the positive against K uniform negatives
-            return F.cross_entropy(torch.cat([pos[:, None], neg_logits], 1), torch.zeros_like(target))
+            return F.cross_entropy(torch.cat([pos[:, None], neg_logits], 1), torch.zeros_like(target)) + distill
         hit = neg_logits.isfinite()  # bce: each negative that is not the target
         neg_term = (F.softplus(neg_logits) * hit).sum(1) / hit.sum(1).clamp(min=1)
-        return (F.softplus(-pos) + neg_term).mean()
+        return (F.softplus(-pos) + neg_term).mean() + distill
 
     def draw_items(self, shape, generator, device):
         """Uniform negatives (shape) among the items 1..N, or among the warm items only when the
@@ -160,11 +234,16 @@ def run(args):
         model_args.update(d_in=dims["d_in"], align=args.align, align_temperature=args.align_temperature)
     cold = meta.get("cold_items", [])  # prepare.py --cold_items: held out of training
     model = build_model(model_args, init, cold).to(device)
+    if args.item_emb == "llmesr" and args.alpha:  # the self-distillation's teachers, from the training windows only
+        train = {k: torch.from_numpy(v) for k, v in common.load_split(args.data, "train", meta["num_items"]).items()}
+        similar, teacher_seq = similar_users(train, init, args.sim_users, len(meta["user_history_len"]))
+        if similar.shape[1]:  # a single training user has no other to learn from
+            model.similar, model.teacher_seq = similar.to(device), teacher_seq.to(device)
     # fused: one kernel over all parameters (CPU and CUDA), 10x faster than the loop over them on CPU
     optimizer = torch.optim.Adam(param_groups(model, meta["num_items"], cold), lr=args.lr,
                                  weight_decay=args.weight_decay, fused=True)
-    loss_fn = lambda seq, target: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"],
-                                             redraw=args.redraw_negatives)
+    loss_fn = lambda seq, target, user: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"],
+                                                   redraw=args.redraw_negatives, user=user, alpha=args.alpha)
     if args.item_emb == "rlmrec":
         loss_fn = with_alignment(loss_fn, model.item_emb, args.align_weight)
     fit(args, model, model_args, optimizer, loss_fn, gens, "sasrec", {**vars(args), "device": device, **provenance})
@@ -176,9 +255,11 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
     p.add_argument("--subspace", default=None, help="decompose.py output (default DATA/subspace.pt): E_lang, d_s, d_n")
     # item embedding and loss
-    p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
+    p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec", "llmesr"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
     p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
     add_align_args(p)
+    p.add_argument("--alpha", type=float, default=0.1, help="alpha, weight of LLM-ESR's self-distillation loss L_sd (llmesr; 0: none)")
+    p.add_argument("--sim_users", type=int, default=10, help="N, retrieved similar users whose mean state is the teacher (llmesr)")
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors in the null space (alphafuse)")
     p.add_argument("--train_lang", action="store_true", help="train the language coordinates too (ablation 'w/o Frozen')")
     p.add_argument("--id_replace", action="store_true", help="ID vectors replace the null coordinates instead of adding to them")
@@ -188,13 +269,14 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.07, help="tau of the cosine logits")
     p.add_argument("--score", choices=["cosine", "dot"], default="cosine", help="similarity of user state and item in training")
     p.add_argument("--eval_score", choices=["cosine", "dot"], default=None, help="similarity for ranking (default: --score; official code: dot)")
-    p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec, unisrec, rlmrec (alphafuse and llminit take d from --subspace)")
+    p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec, unisrec, rlmrec, and of each of llmesr's two views (alphafuse and llminit take d from --subspace)")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
     p.add_argument("--weight_decay", type=float, default=1e-6, help="Adam weight decay")
     add_loop_args(p)
     args = p.parse_args(argv)
     args.subspace = args.subspace or os.path.join(args.data, "subspace.pt")
-    check_loop_args(p, args, {"temperature": "(0, 1e37)", **({"neg_ratio": "[1, inf)"} if args.loss != "ce" else {})})
+    check_loop_args(p, args, {"temperature": "(0, 1e37)", "alpha": "[0, 1e37)", "sim_users": "[1, inf)",
+                              **({"neg_ratio": "[1, inf)"} if args.loss != "ce" else {})})
     try:
         run(args)
     except DataError as e:

@@ -1,7 +1,7 @@
 """
 The training loop both trainers share (train_discriminative.py, SASRec; train_diffusion.py,
 DreamRec): the inputs of the item embeddings, the two training regimes (windows and whole
-sequences), seeded shuffled batches, progress lines, validation, early stopping, checkpoints,
+sequences), LLM-ESR's retrieval of similar users, seeded shuffled batches, progress lines, validation, early stopping, checkpoints,
 --resume, log.jsonl, the stop at a non-finite loss, the final test; and the flags of all this.
 Import only; nothing runs here.
 """
@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 import common
 import decompose
@@ -33,12 +34,14 @@ def item_inputs(args, meta):
             raise DataError(f"{args.subspace}: d = {d} is not divisible by --num_heads {args.num_heads}")
         return sub["lang_emb"], {"d_s": sub["d_s"], "hidden_dim": d}, \
             {"subspace": args.subspace, "subspace_settings": sub.get("settings"), "lang_emb_sha256": sub.get("lang_emb_sha256")}
-    if args.item_emb in ("morec", "whitenrec", "unisrec", "rlmrec", "idreamrec"):
+    if args.item_emb in ("morec", "whitenrec", "unisrec", "rlmrec", "idreamrec", "llmesr"):
         path = os.path.join(args.data, "lang_emb.npy")
         emb = decompose.open_lang_emb(path)
         if len(emb) != N:
             raise DataError(f"{path}: {len(emb)} rows, meta.json says {N} items")
-        if args.item_emb in ("morec", "unisrec", "rlmrec"):  # morec and unisrec adapt the raw vectors; rlmrec aligns to them
+        if args.item_emb == "llmesr" and args.hidden_dim > emb.shape[1]:  # d PCA directions of d_l
+            raise DataError(f"{path}: {emb.shape[1]}-d vectors, too few for --hidden_dim {args.hidden_dim} (llmesr's PCA)")
+        if args.item_emb in ("morec", "unisrec", "rlmrec", "llmesr"):  # morec, unisrec, llmesr adapt the raw vectors; rlmrec aligns to them
             features = np.concatenate([np.zeros((1, emb.shape[1]), np.float32), np.asarray(emb, np.float32)])
         else:  # whitenrec, idreamrec: whitened
             mean, Sigma = decompose.weighted_covariance(emb, path=path)
@@ -60,7 +63,7 @@ def with_alignment(loss_fn, item_emb, weight):
     them all; adding the histories (about 5x the distinct items of a window batch, and L_info is
     quadratic in them) tripled the CPU time of an amazon-toys epoch (31-36 s against 10-11 s for
     id; targets only: 13-15 s), with the same validation NDCG@20 over 3 epochs."""
-    return lambda seq, target: loss_fn(seq, target) + weight * item_emb.aux_loss(target)
+    return lambda seq, target, *user: loss_fn(seq, target, *user) + weight * item_emb.aux_loss(target)
 
 
 def param_groups(model, num_items, cold):
@@ -79,14 +82,40 @@ def param_groups(model, num_items, cold):
 def whole_sequences(train):
     """Windows (seq (n, L), target (n,), user (n,)) -> one whole sequence per training user, its
     last L + 1 training items: seq (U, L) and target (U, L), the item after each position (0 after
-    padding). The last window of a user holds exactly those items: prepare.py writes each user's
-    windows in time order."""
+    padding), and user (U,), ascending. The last window of a user holds exactly those items:
+    prepare.py writes each user's windows in time order."""
     user = train["user"].cpu().numpy()
     last = len(user) - 1 - np.unique(user[::-1], return_index=True)[1]  # each user's last window
     last = torch.from_numpy(last).to(train["seq"].device)
     seq, target = train["seq"][last], train["target"][last]  # (U, L), (U,)
     nxt = torch.cat([seq[:, 1:], target[:, None]], 1)  # (U, L)
-    return {"seq": seq, "target": nxt.masked_fill(seq == 0, 0)}
+    return {"seq": seq, "target": nxt.masked_fill(seq == 0, 0), "user": train["user"][last]}
+
+
+def similar_users(train, features, n, num_users):
+    """LLM-ESR's retrieval ("Retrieval Augmented Self-Distillation"): each training user's n most
+    similar other training users by the cosine of their LLM user embeddings. The paper embeds a
+    prompt of the user's interactions with the LLM; we have no user texts, so a user's LLM embedding
+    is the mean of the LLM embeddings (features (N+1, d_l)) of the user's training items: every
+    window's target and the first window's history item, the whole training sequence, no valid or
+    test target. train: windows (seq (n, L), target (n,), user (n,)) tensors. Returns similar
+    (num_users, n) user indices, never the user itself (rows of users without training windows
+    are unused), and teacher_seq (num_users, L), each training user's last L training items."""
+    user, seq, target = train["user"], train["seq"], train["target"]
+    users, first = (torch.from_numpy(a) for a in np.unique(user.numpy(), return_index=True))  # (T,) each
+    items = torch.cat([target, seq[first, -1]])  # every training item of every user once
+    emb = torch.zeros(num_users, features.shape[1]).index_add_(0, torch.cat([user, users]), features[items])
+    emb = F.normalize(emb[users], dim=1)  # (T, d_l); the mean's direction is the sum's
+    n = min(n, len(users) - 1)
+    similar = torch.zeros(num_users, n, dtype=torch.long)
+    for i in range(0, len(users), 1024):  # (1024, T) similarities at a time
+        sim = emb[i:i + 1024] @ emb.T
+        sim[torch.arange(len(sim)), torch.arange(i, i + len(sim))] = float("-inf")  # not the user itself
+        similar[users[i:i + 1024]] = users[sim.topk(n, dim=1).indices]
+    whole = whole_sequences(train)
+    teacher_seq = torch.zeros(num_users, seq.shape[1], dtype=torch.long)
+    teacher_seq[whole["user"]] = torch.cat([whole["seq"][:, 1:], whole["target"][:, -1:]], 1)
+    return similar, teacher_seq
 
 
 def keep_freed_memory():
@@ -153,7 +182,7 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
     """The training loop both backbones share: seeded shuffled (or --file_order) batches of device-resident data,
     validation NDCG@20 every --eval_every epochs, best and last checkpoints, early stopping after
     --patience evaluations without improvement, --resume, log.jsonl, a stop at a NaN or inf loss;
-    then the best checkpoint is evaluated once on test. loss_fn(seq, target) -> scalar; gens: the seeded generators."""
+    then the best checkpoint is evaluated once on test. loss_fn(seq, target, user) -> scalar; gens: the seeded generators."""
     device = next(model.parameters()).device
     gens = dict(gens, torch=torch.default_generator)  # dropout draws from the global generator
     if device.type == "cuda":
@@ -194,7 +223,7 @@ def fit(args, model, model_args, optimizer, loss_fn, gens, backbone, config):
         for step, i in enumerate(range(0, n, args.batch_size), 1):
             idx = perm[i:i + args.batch_size]
             with amp:
-                loss = loss_fn(train["seq"][idx], train["target"][idx])
+                loss = loss_fn(train["seq"][idx], train["target"][idx], train["user"][idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
