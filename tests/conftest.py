@@ -253,9 +253,10 @@ def assert_clean_error(proc, *names, argparse_ok=False):
     return message
 
 
-def prepare_toy(root, users=60, items=40, seed=0, flags=()):
+def prepare_toy(root, users=60, items=40, seed=0, flags=(), lang_dim=0):
     """A small DATA folder made by prepare.py (with `flags`) from generated RecBole atomic files: each
-    user rates 3..11 distinct items in time order. Returns (DATA path, the generator for further draws)."""
+    user rates 3..11 distinct items in time order; with `lang_dim`, also a lang_emb.npy (N, lang_dim)
+    of standard normal draws. Returns (DATA path, the generator for further draws)."""
     import prepare
     src = root / "src"
     src.mkdir()
@@ -270,6 +271,10 @@ def prepare_toy(root, users=60, items=40, seed=0, flags=()):
         f.writelines(f"i{i}\tthing number {i}\n" for i in range(items))
     out = str(root / "data")
     prepare.main([str(src), "--out", out, *map(str, flags)])
+    if lang_dim:
+        import common
+        n = common.load_meta(out)["num_items"]
+        np.save(os.path.join(out, "lang_emb.npy"), rng.standard_normal((n, lang_dim)).astype(np.float32))
     return out, rng
 
 

@@ -29,9 +29,7 @@ from conftest import assert_clean_error, prepare_toy, run_main, run_script
 def toy(tmp_path_factory):
     """(DATA with lang_emb.npy (40, 24), RUN/ckpt.pt of a 1-epoch ID-only SASRec, d = 16)."""
     root = tmp_path_factory.mktemp("eval_errors")
-    data, rng = prepare_toy(root)
-    n = common.load_meta(data)["num_items"]
-    np.save(os.path.join(data, "lang_emb.npy"), rng.standard_normal((n, 24)).astype(np.float32))
+    data, rng = prepare_toy(root, lang_dim=24)
     run = str(root / "run")
     train_discriminative.main([data, "--out", run, "--item_emb", "id", "--hidden_dim", "16", "--neg_ratio", "8",
                                "--batch_size", "64", "--epochs", "1", "--device", "cpu"])

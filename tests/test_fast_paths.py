@@ -8,11 +8,9 @@ the pruned full ranking; and whole-sequence training equals windows where the tw
 import os
 import sys
 
-import numpy as np
 import pytest
 import torch
 
-import common
 import decompose
 from conftest import prepare_toy
 from model import full_ranking, rank_of_target, rank_within
@@ -150,9 +148,7 @@ def test_whole_sequences_equal_windows_where_they_coincide():
 def test_threads_and_progress_lines(tmp_path, capsys):
     """--threads sets torch's threads (the header says so) and --progress_every 0 prints a line
     with the step, the rate and the ETA after every step, so a slow machine is never silent."""
-    data, rng = prepare_toy(tmp_path)
-    n = common.load_meta(data)["num_items"]
-    np.save(os.path.join(data, "lang_emb.npy"), rng.standard_normal((n, 24)).astype(np.float32))
+    data, rng = prepare_toy(tmp_path, lang_dim=24)
     decompose.main([data, "--dim", "16", "--null_dim", "8"])
     threads = torch.get_num_threads()
     try:

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import common
 import train_discriminative
 import training
 from conftest import prepare_toy, read_json, read_log, run_main
@@ -236,9 +235,7 @@ def test_loss_adds_alpha_times_the_distillation():
 def data(tmp_path_factory):
     """The toy dataset with random LLM embeddings lang_emb.npy (40, 24)."""
     root = tmp_path_factory.mktemp("llmesr")
-    out, rng = prepare_toy(root)
-    n = common.load_meta(out)["num_items"]
-    np.save(os.path.join(out, "lang_emb.npy"), rng.standard_normal((n, 24)).astype(np.float32))
+    out, rng = prepare_toy(root, lang_dim=24)
     return out
 
 

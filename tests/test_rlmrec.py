@@ -32,9 +32,7 @@ DREAMREC = ["--hidden_dim", "16", "--batch_size", "64", "--timesteps", "50", "--
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """prepare_toy's DATA (60 users, 40 items) with lang_emb.npy (N, 24)."""
-    out, rng = prepare_toy(tmp_path_factory.mktemp("rlmrec"))
-    n = common.load_meta(out)["num_items"]
-    np.save(os.path.join(out, "lang_emb.npy"), rng.standard_normal((n, 24)).astype(np.float32))
+    out, rng = prepare_toy(tmp_path_factory.mktemp("rlmrec"), lang_dim=24)
     return out
 
 

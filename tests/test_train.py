@@ -31,9 +31,7 @@ def data(tmp_path_factory):
     """DATA prepared from generated RecBole atomic files, with lang_emb.npy (40, 24) and subspace.pt
     (d = 16, d_s = 8, d_n = 8)."""
     root = tmp_path_factory.mktemp("train")
-    out, rng = prepare_toy(root)
-    n = common.load_meta(out)["num_items"]
-    np.save(os.path.join(out, "lang_emb.npy"), rng.standard_normal((n, 24)).astype(np.float32))
+    out, rng = prepare_toy(root, lang_dim=24)
     decompose.main([out, "--dim", "16", "--null_dim", "8"])
     return out
 
