@@ -58,8 +58,8 @@ import common
 from common import DataError
 from embeddings import make_item_embedding
 from model import SASRecEncoder, seed_everything
-from training import (add_align_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults,
-                      param_groups, with_alignment)
+from training import (add_align_args, add_distill_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs,
+                      loop_defaults, param_groups, with_alignment)
 
 
 def beta_schedule(schedule, T, beta_start, beta_end):
@@ -210,6 +210,7 @@ def main(argv=None):
     p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec", "idreamrec"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
     p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
     add_align_args(p)
+    add_distill_args(p)
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors")
     p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec, unisrec, rlmrec (alphafuse, llminit: d = d_l of --subspace; idreamrec: of lang_emb.npy)")
     # diffusion
