@@ -15,10 +15,15 @@ AlphaFuse item embeddings or a baseline's, then evaluate the best checkpoint onc
              unisrec    frozen raw language embeddings -> UniSRec's MoE adaptor -> --hidden_dim
              idreamrec  iDreamRec: the frozen whitened language embeddings are the items (d = d_l;
                         no adapter, no ID; embeddings.FrozenEmbedding)
+             llmesr     LLM-ESR's items and encoder (embeddings.DualViewEmbedding, model.DualViewEncoder):
+                        items [e^co, e^se] and condition [u^co, u^se] of D = 2d (d = --hidden_dim per
+                        view), so x0, the denoiser, the step MLP and the null vector work at D, and
+                        x0_hat . e_i is the dot product over both views; plus --alpha times the
+                        self-distillation of c towards --sim_users similar users (model.self_distillation)
 The item embeddings are train_discriminative.py's (embeddings.make_item_embedding).
 
 The condition c (B, d) is the SASRec encoder's state of the history (SASRecEncoder over the
-same item embeddings). The denoiser f(x_t, c, t) predicts x0 with one Linear over
+same item embeddings; llmesr: DualViewEncoder's [u^co, u^se], D = 2d). The denoiser f(x_t, c, t) predicts x0 with one Linear over
 [x_t, c, MLP(sinusoid(t))] (the official architecture); training minimises ||f - x0||^2 with
 x0 = e_target, t ~ U{0..T-1}, and c replaced by a learned null vector with probability p_uncond.
 Sampling is deterministic DDIM over --sample_steps evenly spaced steps from T-1 down to 0, with
@@ -39,6 +44,11 @@ README sets to d_l (1536, 3072) for every DreamRec run; here:
   leaves it free. The SASRec trainer uses the same MLP, so each baseline is one thing in both backbones.
   A trained adapter can map every item to one point, where the loss on x0 is ~0: on amazon-toys at
   lr 1e-3 morec and whitenrec (with this MLP or its one layer) do so within an epoch, as id does.
+- llmesr: its LLMESR class conditions on the two views' states too, but its train_diffusion.py adds
+  no self-distillation (nor the class's unused contrastive reg_loss), feeds the semantic sequence in
+  place of the collaborative one (id_seq = emb_dropout(inputs_text_emb)), and its cross-attention
+  masks padding only, not the future; here both views are encoded as train_discriminative.py's
+  llmesr, with --alpha times its self-distillation.
 - llminit starts from the standardized coordinates (E - mu) U diag(s)^(-1/2) of --subspace, as the
   SASRec trainer's and as AlphaFuse's frozen part, so that it differs from AlphaFuse only in what
   trains; its LLMInit starts from the raw vectors times 40 (at d = d_l it skips its decomposition).
@@ -57,9 +67,9 @@ import torch.nn.functional as F
 import common
 from common import DataError
 from embeddings import make_item_embedding
-from model import SASRecEncoder, seed_everything
-from training import (add_align_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults,
-                      param_groups, with_alignment)
+from model import DualViewEncoder, SASRecEncoder, seed_everything, self_distillation
+from training import (add_align_args, add_distill_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs,
+                      loop_defaults, param_groups, set_teachers, with_alignment)
 
 
 def beta_schedule(schedule, T, beta_start, beta_end):
@@ -93,7 +103,8 @@ class DreamRec(torch.nn.Module):
         # draws no negatives, and no history or target of training holds a cold item
         self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, False, False, init, cold, experts,
                                             align, align_temperature)
-        self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
+        self.encoder = (DualViewEncoder if item_emb == "llmesr" else SASRecEncoder)(d, max_len, num_blocks, num_heads, dropout)
+        d = 2 * d if item_emb == "llmesr" else d  # D: llmesr's items and states are two views of d side by side
         self.null_c = torch.nn.Parameter(torch.randn(d))  # the unconditional "condition", N(0, 1) as the official code
         # t -> 256-d sinusoid -> Linear, GELU, Linear -> (B, d): the official DreamRec step embedding
         self.step_mlp = torch.nn.Sequential(torch.nn.Linear(STEP_FREQUENCIES, d), torch.nn.GELU(), torch.nn.Linear(d, d))
@@ -101,8 +112,12 @@ class DreamRec(torch.nn.Module):
         alphas_cumprod = torch.cumprod(1 - beta_schedule(schedule, timesteps, beta_start, beta_end), 0)
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.register_buffer("all_items", torch.arange(num_items + 1), persistent=False)
+        # llmesr's teachers of the self-distillation (similar (U, N), teacher_seq (U, L)), set by
+        # training.set_teachers: training only, not in the checkpoint
+        self.register_buffer("similar", None, persistent=False)
+        self.register_buffer("teacher_seq", None, persistent=False)
 
-    def condition(self, seq, all_positions=False):  # (B, L) -> c (B, d), or (B, L, d)
+    def condition(self, seq, all_positions=False):  # (B, L) -> c (B, D), or (B, L, D)
         return self.encoder(self.item_emb(seq), seq, all_positions)
 
     def q_sample(self, x0, t, noise):
@@ -128,20 +143,27 @@ class DreamRec(torch.nn.Module):
         fixed = F.linear((1 + self.w) * c - self.w * self.null_c, W_c, self.denoiser.bias)  # (B, d)
         return lambda x_t, t: x_t @ W_x.T + (self.step_mlp(timestep_embedding(t)) @ W_t.T + fixed)
 
-    def loss(self, seq, target, generator):
+    def loss(self, seq, target, generator, user=None, alpha=0.0):
         """seq (B, L) and target (B,) (windows), or target (B, L), the item after every position,
-        0 after padding (whole sequences: every real position conditions one x0)."""
+        0 after padding (whole sequences: every real position conditions one x0). With teachers
+        (llmesr), the samples' users (B,) and alpha > 0, plus alpha L_sd on the condition of each
+        sample's last position, before it is dropped for the null vector (LLM-ESR's L_sd on the user state)."""
+        distill = None
         if target.dim() == 2:
             real = target > 0
-            c, target = self.condition(seq, all_positions=True)[real], target[real]  # (P, d), (P,)
+            states = self.condition(seq, all_positions=True)  # (B, L, D)
+            c, target, last = states[real], target[real], states[:, -1]  # (P, D), (P,), (B, D)
         else:
-            c = self.condition(seq)  # (B, d)
-        x0 = self.item_emb(target)  # (B, d)
+            c = last = self.condition(seq)  # (B, D)
+        if alpha and user is not None and self.similar is not None:
+            distill = alpha * self_distillation(self.condition, last, user, self.similar, self.teacher_seq)
+        x0 = self.item_emb(target)  # (B, D)
         drop = torch.rand(len(c), 1, device=c.device, generator=generator) < self.p_uncond
         c = torch.where(drop, self.null_c.expand_as(c), c)
         t = torch.randint(0, self.T, (len(c),), device=c.device, generator=generator)
         noise = torch.randn(x0.shape, device=c.device, generator=generator)
-        return F.mse_loss(self.predict_x0(self.q_sample(x0, t, noise), c, t), x0)
+        loss = F.mse_loss(self.predict_x0(self.q_sample(x0, t, noise), c, t), x0)
+        return loss if distill is None else loss + distill
 
     def sample_timesteps(self):
         """sample_steps evenly spaced integers from T-1 down to 0, all inside the trained range."""
@@ -190,13 +212,14 @@ def run(args):
         model_args.update(d_in=dims["d_in"], experts=args.experts)
     if args.item_emb == "rlmrec":  # likewise
         model_args.update(d_in=dims["d_in"], align=args.align, align_temperature=args.align_temperature)
-    if args.item_emb in ("morec", "whitenrec", "idreamrec"):  # likewise
+    if args.item_emb in ("morec", "whitenrec", "idreamrec", "llmesr"):  # likewise
         model_args.update(d_in=dims["d_in"])
     cold = meta.get("cold_items", [])  # prepare.py --cold_items: held out of training
     model = build_model(model_args, init, cold).to(device)
+    set_teachers(model, args, meta, init)  # llmesr's self-distillation
     optimizer = torch.optim.AdamW(param_groups(model, meta["num_items"], cold), lr=args.lr,
                                   weight_decay=args.weight_decay, fused=True)
-    loss_fn = lambda seq, target, user: model.loss(seq, target, gens["noise"])
+    loss_fn = lambda seq, target, user: model.loss(seq, target, gens["noise"], user, args.alpha)
     if args.item_emb == "rlmrec":
         loss_fn = with_alignment(loss_fn, model.item_emb, args.align_weight)
     fit(args, model, model_args, optimizer, loss_fn, gens, "dreamrec", {**vars(args), "device": device, **provenance})
@@ -207,11 +230,12 @@ def main(argv=None):
     p.add_argument("data", help="prepared dataset folder DATA (prepare.py)")
     p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
     p.add_argument("--subspace", default=None, help="decompose.py output with d = d_l (default DATA/subspace_dreamrec.pt)")
-    p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec", "idreamrec"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
+    p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec", "idreamrec", "llmesr"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
     p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
     add_align_args(p)
+    add_distill_args(p)
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors")
-    p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec, unisrec, rlmrec (alphafuse, llminit: d = d_l of --subspace; idreamrec: of lang_emb.npy)")
+    p.add_argument("--hidden_dim", type=int, default=128, help="d for id, morec, whitenrec, unisrec, rlmrec, and of each of llmesr's two views (D = 2d) (alphafuse, llminit: d = d_l of --subspace; idreamrec: of lang_emb.npy)")
     # diffusion
     p.add_argument("--timesteps", type=int, default=2000, help="T, diffusion steps")
     p.add_argument("--beta_start", type=float, default=1e-4, help="beta_1 of the linear schedule")

@@ -51,58 +51,58 @@ import torch.nn.functional as F
 import common
 from common import DataError
 from embeddings import make_item_embedding
-from model import SampledScores, SASRecEncoder, attention_mask, seed_everything
-from training import (add_align_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs, loop_defaults,
-                      param_groups, similar_users, with_alignment)
+from model import DualViewEncoder, SASRecEncoder, seed_everything, self_distillation
+from training import (add_align_args, add_distill_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs,
+                      loop_defaults, param_groups, set_teachers, with_alignment)
 
 # -----------------------------------------------------------------------------
-# LLM-ESR's encoder (Liu et al., NeurIPS 2024, arXiv 2405.20646; its items are
-# embeddings.DualViewEmbedding, its retrieval training.similar_users, its self-distillation
-# SASRec.self_distillation)
+# sampled scores, and the model
 
 
-class CrossViewAttention(torch.nn.Module):
-    """LLM-ESR's cross-attention between the views ("Dual-view Modeling", sequence-level fusion): a
-    view's sequence x (B, L, d) re-read through the other view's sequence y, softmax(Q K^T / sqrt(d/h)) V
-    with Q = y W_Q, K = x W_K, V = x W_V. The output keeps x's values, so it stays in the view its
-    items are scored in; y steers where to attend (the direction of the authors' code, its id2llm and
-    llm2id). No output projection and no residual (the authors' code adds the first, and keeps
-    none of x). Unlike the authors' code it is causal, with the encoder's padding-aware mask: whole
-    sequences train every position on its next item, which an unmasked attention would show it."""
+class SampledScores(torch.autograd.Function):
+    """u (P, d) against the table rows idx (P, M) -> (P, M) scores u_p . e_j, or u_p . e_j / |e_j|
+    with cosine=True (u is normalised by the caller), j = idx_pm, e_j = table[j].
 
-    def __init__(self, d, num_heads):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q, self.kv = torch.nn.Linear(d, d, bias=False), torch.nn.Linear(d, 2 * d, bias=False)
+    The numbers and gradients of the obvious einsum over the gathered (P, M, d) candidates (with
+    F.normalize for cosine, for norms above its eps 1e-12), without ever holding those candidates:
+    autograd would keep them, meet them again as a (P, M, d) gradient, scatter it with index_put,
+    and differentiate the norms of the whole table. Here the forward gathers 64 rows at a time
+    (they stay in cache) and the backward is two sparse products with
+    S = sum_pm w_pm e_p e_j^T (P, N+1), w = grad (/ |e_j| for cosine): grad_u = S table and
+    grad_table = S^T u, minus c_j e_j with c_j = sum_{pm: idx_pm = j} w_pm score_pm / |e_j| for
+    cosine (the derivative of 1/|e_j|). 3x faster than autograd's path at amazon-toys' windows,
+    10x at ml-1m's whole sequences (P = 12,800 positions a step), before S table became an
+    embedding_bag."""
 
-    def forward(self, x, y, attn_mask):  # x, y (B, L, d), attn_mask (B, 1, L, L) -> (B, L, d)
-        B, L, d = x.shape
-        h = self.num_heads
-        q = self.q(y).view(B, L, h, d // h).transpose(1, 2)  # (B, h, L, d/h)
-        k, v = self.kv(x).view(B, L, 2, h, d // h).permute(2, 0, 3, 1, 4)  # 2 x (B, h, L, d/h)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, L, d)
+    @staticmethod
+    def forward(ctx, u, table, idx, cosine):
+        norm = torch.linalg.vector_norm(table, dim=1).clamp_min(1e-12) if cosine else None  # (N+1,)
+        scores = u.new_empty(idx.shape)  # (P, M)
+        for i in range(0, len(idx), 64):  # 64 rows of candidates (64, M, d) at a time stay in cache
+            E = table.index_select(0, idx[i:i + 64].flatten()).view(-1, idx.shape[1], u.shape[1])
+            scores[i:i + 64] = torch.linalg.vecdot(E, u[i:i + 64, None, :])
+        if cosine:
+            scores = scores / norm[idx]
+        ctx.save_for_backward(u, table, idx, scores, norm)
+        ctx.cosine = cosine
+        return scores
 
+    @staticmethod
+    def backward(ctx, grad):  # grad (P, M)
+        u, table, idx, scores, norm = ctx.saved_tensors
+        w = grad / norm[idx] if ctx.cosine else grad  # (P, M)
+        # S table: row p is sum_m w_pm e_(idx_pm), a weighted bag of table rows (one fused kernel,
+        # 8x faster than a sparse COO product at ml-1m's 11,281 positions)
+        grad_u = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")  # (P, d)
+        rows = torch.arange(len(idx), device=idx.device).repeat_interleave(idx.shape[1])
+        S_t = torch.sparse_coo_tensor(torch.stack([idx.flatten(), rows]), w.flatten(), (len(table), len(idx)),
+                                      check_invariants=False)
+        grad_table = torch.sparse.mm(S_t, u)  # (N+1, d)
+        if ctx.cosine:
+            c = torch.zeros_like(norm).index_add_(0, idx.flatten(), (w * scores).flatten()) / norm  # (N+1,)
+            grad_table.addcmul_(c[:, None], table, value=-1)
+        return grad_u, grad_table, None, None
 
-class DualViewEncoder(torch.nn.Module):
-    """LLM-ESR's sequence encoder: item sequences [co, se] (B, L, 2d) -> each view's sequence re-read
-    by the other (CrossViewAttention), both through one shared SASRecEncoder (the paper's shared
-    encoder, in one pass) -> u = [u^co, u^se] (B, 2d), or (B, L, 2d) with all_positions, scored
-    against items [e^co, e^se] (embeddings.DualViewEmbedding): the logit-level fusion."""
-
-    def __init__(self, d, max_len, num_blocks, num_heads, dropout):
-        super().__init__()
-        self.encoder = SASRecEncoder(d, max_len, num_blocks, num_heads, dropout)
-        self.cross = torch.nn.ModuleList(CrossViewAttention(d, num_heads) for _ in range(2))  # co by se, se by co
-
-    def forward(self, seq_emb, seq, all_positions=False):  # seq_emb (B, L, 2d), seq (B, L) indices, 0 = padding
-        co, se = seq_emb.chunk(2, dim=-1)  # (B, L, d) each
-        mask = attention_mask(seq)[:, None]  # (B, 1, L, L)
-        x = torch.cat([self.cross[0](co, se, mask), self.cross[1](se, co, mask)])  # (2B, L, d)
-        return torch.cat(self.encoder(x, seq.repeat(2, 1), all_positions).chunk(2), dim=-1)
-
-
-# -----------------------------------------------------------------------------
-# the model
 
 
 class SASRec(torch.nn.Module):
@@ -136,18 +136,8 @@ class SASRec(torch.nn.Module):
         seq_emb = table.index_select(0, seq.flatten()).view(*seq.shape, -1)  # (B, L, d)
         return self.encoder(seq_emb, seq, all_positions)
 
-    def self_distillation(self, u, user, table):
-        """LLM-ESR's retrieval augmented self-distillation: the state u (B, D = 2d) of each sample's
-        user (B,) is drawn to the teacher u^T, the mean of the states of the user's N retrieved
-        similar users (training.similar_users: their last L training items, encoded by this model),
-        L_sd = mean squared error over the B users and the D coordinates (as the authors' code, whose
-        scale the paper's alpha = 0.1 was tuned on). The teacher is a constant: no gradient flows
-        into it (the authors' code detaches it); it is encoded in the model's mode, with dropout in
-        training as theirs. Each similar user of the batch is encoded once."""
-        teachers, which = self.similar[user].unique(return_inverse=True)  # (M,), (B, N)
-        with torch.no_grad():
-            states = self.user_state(self.teacher_seq[teachers], table)  # (M, D)
-        return F.mse_loss(u, states[which].mean(1))  # (B, N, D) -> (B, D)
+    def self_distillation(self, u, user, table):  # u (B, 2d) -> L_sd, model.self_distillation with this table
+        return self_distillation(lambda seq: self.user_state(seq, table), u, user, self.similar, self.teacher_seq)
 
     def logits(self, u, e, score):
         """u (B, d) against every item e (N+1, d) -> (B, N+1); 1/tau is folded into the user states."""
@@ -234,11 +224,7 @@ def run(args):
         model_args.update(d_in=dims["d_in"], align=args.align, align_temperature=args.align_temperature)
     cold = meta.get("cold_items", [])  # prepare.py --cold_items: held out of training
     model = build_model(model_args, init, cold).to(device)
-    if args.item_emb == "llmesr" and args.alpha:  # the self-distillation's teachers, from the training windows only
-        train = {k: torch.from_numpy(v) for k, v in common.load_split(args.data, "train", meta["num_items"]).items()}
-        similar, teacher_seq = similar_users(train, init, args.sim_users, len(meta["user_history_len"]))
-        if similar.shape[1]:  # a single training user has no other to learn from
-            model.similar, model.teacher_seq = similar.to(device), teacher_seq.to(device)
+    set_teachers(model, args, meta, init)  # llmesr's self-distillation
     # fused: one kernel over all parameters (CPU and CUDA), 10x faster than the loop over them on CPU
     optimizer = torch.optim.Adam(param_groups(model, meta["num_items"], cold), lr=args.lr,
                                  weight_decay=args.weight_decay, fused=True)
@@ -258,8 +244,7 @@ def main(argv=None):
     p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec", "llmesr"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
     p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
     add_align_args(p)
-    p.add_argument("--alpha", type=float, default=0.1, help="alpha, weight of LLM-ESR's self-distillation loss L_sd (llmesr; 0: none)")
-    p.add_argument("--sim_users", type=int, default=10, help="N, retrieved similar users whose mean state is the teacher (llmesr)")
+    add_distill_args(p)
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors in the null space (alphafuse)")
     p.add_argument("--train_lang", action="store_true", help="train the language coordinates too (ablation 'w/o Frozen')")
     p.add_argument("--id_replace", action="store_true", help="ID vectors replace the null coordinates instead of adding to them")
@@ -275,8 +260,7 @@ def main(argv=None):
     add_loop_args(p)
     args = p.parse_args(argv)
     args.subspace = args.subspace or os.path.join(args.data, "subspace.pt")
-    check_loop_args(p, args, {"temperature": "(0, 1e37)", "alpha": "[0, 1e37)", "sim_users": "[1, inf)",
-                              **({"neg_ratio": "[1, inf)"} if args.loss != "ce" else {})})
+    check_loop_args(p, args, {"temperature": "(0, 1e37)", **({"neg_ratio": "[1, inf)"} if args.loss != "ce" else {})})
     try:
         run(args)
     except DataError as e:

@@ -118,6 +118,20 @@ def similar_users(train, features, n, num_users):
     return similar, teacher_seq
 
 
+def set_teachers(model, args, meta, features):
+    """The teachers of LLM-ESR's self-distillation (--item_emb llmesr, --alpha > 0): model.similar
+    (U, N) and model.teacher_seq (U, L) from the training windows only, the LLM embeddings
+    `features` (N+1, d_l) ranking the users. None otherwise, nor for a single training user, who
+    has no other to learn from."""
+    if args.item_emb != "llmesr" or not args.alpha:
+        return
+    train = {k: torch.from_numpy(v) for k, v in common.load_split(args.data, "train", meta["num_items"]).items()}
+    similar, teacher_seq = similar_users(train, features, args.sim_users, len(meta["user_history_len"]))
+    if similar.shape[1]:
+        device = next(model.parameters()).device
+        model.similar, model.teacher_seq = similar.to(device), teacher_seq.to(device)
+
+
 def keep_freed_memory():
     """glibc gives blocks over 128 KB back to the OS when they are freed, and the next step's
     tensors of the same sizes fault them back in page by page: a fifth of a CPU step at
@@ -300,11 +314,17 @@ def add_align_args(p):
     p.add_argument("--align_temperature", type=float, default=None, help="tau of RLMRec's density ratio f = exp(cos / tau) (rlmrec; default: the authors' Amazon setting, 0.2 con, 0.5 gen)")
 
 
+def add_distill_args(p):
+    """LLM-ESR's self-distillation flags (--item_emb llmesr), the same in both trainers."""
+    p.add_argument("--alpha", type=float, default=0.1, help="alpha, weight of LLM-ESR's self-distillation loss L_sd (llmesr; 0: none)")
+    p.add_argument("--sim_users", type=int, default=10, help="N, retrieved similar users whose mean state is the teacher (llmesr)")
+
+
 # the intervals of the shared flags: seeds are NumPy's; above ~3e37 a float32 Adam step overflows
 LOOP_RANGES = {**dict.fromkeys(("hidden_dim", "num_blocks", "num_heads", "batch_size", "epochs", "patience", "eval_every",
                                 "experts"), "[1, inf)"),
                "dropout": "[0, 1)", "lr": "(0, 1e37)", "weight_decay": "[0, 1e37)", "seed": "[0, 4294967296)",
-               "align_weight": "[0, 1e37)", "align_temperature": "(0, 1e37)"}
+               "align_weight": "[0, 1e37)", "align_temperature": "(0, 1e37)", "alpha": "[0, 1e37)", "sim_users": "[1, inf)"}
 
 
 def interrupted(args):

@@ -18,7 +18,7 @@ import train_diffusion
 import train_discriminative
 from conftest import prepare_embedded_toy
 from embeddings import load_subspace
-from model import SampledScores
+from train_discriminative import SampledScores
 
 torch.set_num_threads(1)
 

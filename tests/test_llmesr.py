@@ -20,6 +20,7 @@ import torch.nn.functional as F
 import train_discriminative
 import training
 from conftest import prepare_toy, read_json, read_log, run_main
+from model import attention_mask
 from test_recommend import new_items, parse, recommend_cli, server, toy  # noqa: F401 (fixtures)
 
 torch.set_num_threads(1)
@@ -118,7 +119,7 @@ def test_score_is_the_dot_product_of_the_concatenated_views():
     emb, seq = model.item_emb, seqs()
     e_co, e_se = emb.co_emb, emb.adapter(emb.features) * (torch.arange(N + 1) > 0)[:, None]  # (N+1, d) each
     co, se = e_co[seq], e_se[seq]  # (B, L, d)
-    mask = train_discriminative.attention_mask(seq)[:, None]
+    mask = attention_mask(seq)[:, None]
     cross, encoder = model.encoder.cross, model.encoder.encoder
     u_co, u_se = encoder(cross[0](co, se, mask), seq), encoder(cross[1](se, co, mask), seq)
     query, table = model.scorer()
