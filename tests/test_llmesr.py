@@ -110,18 +110,25 @@ def test_cold_items_keep_their_pca_rows_and_get_no_gradient():
 # -----------------------------------------------------------------------------
 # the dual-view encoder and the score
 
+def dual_view_by_hand(model, seq):
+    """The items e^co = E^co and e^se = adapter(E^llm) (N+1, d) each, and the states u^co, u^se
+    (B, d) of the histories seq (B, L): the shared encoder's states of each view's sequence re-read
+    by the other through its cross-attention, written out from the model's parts."""
+    emb = model.item_emb
+    e_co, e_se = emb.co_emb, emb.adapter(emb.features) * (torch.arange(len(emb.features)) > 0)[:, None]
+    co, se = e_co[seq], e_se[seq]  # (B, L, d)
+    mask = attention_mask(seq)[:, None]
+    cross, encoder = model.encoder.cross, model.encoder.encoder
+    return e_co, e_se, encoder(cross[0](co, se, mask), seq), encoder(cross[1](se, co, mask), seq)
+
+
 @torch.no_grad()
 def test_score_is_the_dot_product_of_the_concatenated_views():
     """With --score dot, a history's score for item i is u^co . e^co_i + u^se . e^se_i, where
     e^co = E^co, e^se = adapter(E^llm), and u^co (u^se) is the shared encoder's state of the
     collaborative (semantic) sequence re-read by the other view through its cross-attention."""
-    model = llmesr().eval()
-    emb, seq = model.item_emb, seqs()
-    e_co, e_se = emb.co_emb, emb.adapter(emb.features) * (torch.arange(N + 1) > 0)[:, None]  # (N+1, d) each
-    co, se = e_co[seq], e_se[seq]  # (B, L, d)
-    mask = attention_mask(seq)[:, None]
-    cross, encoder = model.encoder.cross, model.encoder.encoder
-    u_co, u_se = encoder(cross[0](co, se, mask), seq), encoder(cross[1](se, co, mask), seq)
+    model, seq = llmesr().eval(), seqs()
+    e_co, e_se, u_co, u_se = dual_view_by_hand(model, seq)
     query, table = model.scorer()
     torch.testing.assert_close(query(seq) @ table.T, u_co @ e_co.T + u_se @ e_se.T, rtol=1e-5, atol=1e-5)
 

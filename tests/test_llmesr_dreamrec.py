@@ -20,9 +20,8 @@ import evaluate
 import train_diffusion
 import training
 from conftest import read_json, read_log, run_main
-from model import attention_mask
 from test_diffusion_baselines import BASE_KEYS, checkpoint, server, toy, train  # noqa: F401 (fixtures)
-from test_llmesr import D, D_L, L, N, seqs
+from test_llmesr import D, D_L, L, N, dual_view_by_hand, seqs
 
 torch.set_num_threads(1)
 
@@ -43,14 +42,10 @@ def test_condition_and_x0_are_both_views_and_the_score_their_dot_product():
     """c = [u^co, u^se] (B, 2d), each view's sequence re-read by the other and encoded by the shared
     encoder; x0 = e_target = [e^co, e^se]; the denoiser, the step MLP and the null vector work at
     2d; and the score of item i is x0_hat^co . e^co_i + x0_hat^se . e^se_i for the seeded DDIM sample."""
-    model = dreamrec_llmesr().eval()
-    emb, seq = model.item_emb, seqs()
-    e_co, e_se = emb.co_emb, emb.adapter(emb.features) * (torch.arange(N + 1) > 0)[:, None]  # (N+1, d) each
-    co, se = e_co[seq], e_se[seq]  # (B, L, d)
-    mask = attention_mask(seq)[:, None]
-    cross, encoder = model.encoder.cross, model.encoder.encoder
+    model, seq = dreamrec_llmesr().eval(), seqs()
+    e_co, e_se, u_co, u_se = dual_view_by_hand(model, seq)
     c = model.condition(seq)
-    torch.testing.assert_close(c, torch.cat([encoder(cross[0](co, se, mask), seq), encoder(cross[1](se, co, mask), seq)], 1))
+    torch.testing.assert_close(c, torch.cat([u_co, u_se], 1))
     target = seq[:, -1] % N + 1
     torch.testing.assert_close(model.item_emb(target), torch.cat([e_co[target], e_se[target]], 1))
     assert model.null_c.shape == (2 * D,) and model.denoiser.weight.shape == (2 * D, 3 * 2 * D)
