@@ -162,6 +162,14 @@ def projection_matrix(s, U, d, standardize=True):
     return U[:, :d] * inv_sqrt
 
 
+def whitening(emb, path="lang_emb.npy"):
+    """(mean, V) whitening the rows of emb over all d_l directions, project(emb, mean, V): the
+    features of WhitenRec and iDreamRec, computed by the trainers and again by recommend.py."""
+    mean, Sigma = weighted_covariance(emb, path=path)
+    s, U = eigendecompose(Sigma)
+    return mean, projection_matrix(s, U, len(s))
+
+
 def project(emb, mean, V, scale=40.0, block_rows=None):
     """E_lang = (scale * E - mean) V = E (scale V) - mean V, in float64 by row blocks, stored as
     float32 (N+1, d) with the zero padding row 0."""

@@ -154,9 +154,7 @@ def new_item_rows(args, model, ckpt, data_dir):
         return d_l, lambda e: e
     path = os.path.join(data_dir, "lang_emb.npy")  # whitenrec, idreamrec: the trainer's whitening, recomputed
     lang = decompose.open_lang_emb(path)
-    mean, Sigma = decompose.weighted_covariance(lang, path=path)
-    s, U = decompose.eigendecompose(Sigma)
-    V = decompose.projection_matrix(s, U, len(s))
+    mean, V = decompose.whitening(lang, path)
     if not torch.allclose(torch.from_numpy(decompose.project(lang, mean, V)), emb.features.cpu(), atol=1e-4):
         raise DataError(f"{path}: its whitened vectors differ from those {args.ckpt} was trained on")
     return d_l, lambda e: decompose.project(e, mean, V)[1:]

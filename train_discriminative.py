@@ -52,8 +52,8 @@ import common
 from common import DataError
 from embeddings import make_item_embedding
 from model import DualViewEncoder, SASRecEncoder, seed_everything, self_distillation
-from training import (add_align_args, add_distill_args, add_loop_args, check_loop_args, fit, interrupted, item_inputs,
-                      loop_defaults, param_groups, set_teachers, with_alignment)
+from training import (add_align_args, add_distill_args, add_loop_args, check_loop_args, embedding_args, fit,
+                      interrupted, item_inputs, loop_defaults, param_groups, set_teachers, with_alignment)
 
 # -----------------------------------------------------------------------------
 # sampled scores, and the model
@@ -218,10 +218,7 @@ def run(args):
                   "dropout": args.dropout, "score": args.score, "eval_score": args.eval_score or args.score,
                   "temperature": args.temperature, "d_in": dims.get("d_in", 0), "d_s": dims.get("d_s", 0),
                   "id_init": args.id_init, "train_lang": args.train_lang, "id_replace": args.id_replace}
-    if args.item_emb == "unisrec":  # only then: other runs' model_args, which --resume compares, stay as they were
-        model_args.update(d_in=dims["d_in"], experts=args.experts)
-    if args.item_emb == "rlmrec":  # likewise
-        model_args.update(d_in=dims["d_in"], align=args.align, align_temperature=args.align_temperature)
+    model_args.update(embedding_args(args, dims))  # unisrec's G, rlmrec's settings, the language input's d_in
     cold = meta.get("cold_items", [])  # prepare.py --cold_items: held out of training
     model = build_model(model_args, init, cold).to(device)
     set_teachers(model, args, meta, init)  # llmesr's self-distillation
@@ -230,8 +227,7 @@ def run(args):
                                  weight_decay=args.weight_decay, fused=True)
     loss_fn = lambda seq, target, user: model.loss(seq, target, args.loss, args.neg_ratio, gens["negatives"],
                                                    redraw=args.redraw_negatives, user=user, alpha=args.alpha)
-    if args.item_emb == "rlmrec":
-        loss_fn = with_alignment(loss_fn, model.item_emb, args.align_weight)
+    loss_fn = with_alignment(loss_fn, model.item_emb, args.align_weight)  # rlmrec's L_info
     fit(args, model, model_args, optimizer, loss_fn, gens, "sasrec", {**vars(args), "device": device, **provenance})
 
 

@@ -44,9 +44,7 @@ def item_inputs(args, meta):
         if args.item_emb in ("morec", "unisrec", "rlmrec", "llmesr"):  # morec, unisrec, llmesr adapt the raw vectors; rlmrec aligns to them
             features = np.concatenate([np.zeros((1, emb.shape[1]), np.float32), np.asarray(emb, np.float32)])
         else:  # whitenrec, idreamrec: whitened
-            mean, Sigma = decompose.weighted_covariance(emb, path=path)
-            s, U = decompose.eigendecompose(Sigma)
-            features = decompose.project(emb, mean, decompose.projection_matrix(s, U, len(s)))
+            features = decompose.project(emb, *decompose.whitening(emb, path))
         dims = {"d_in": emb.shape[1]}
         if args.item_emb == "idreamrec":  # the whitened vectors are the items: d = d_l
             if emb.shape[1] % args.num_heads:
@@ -56,13 +54,28 @@ def item_inputs(args, meta):
     return None, {}, {}
 
 
+def embedding_args(args, dims):
+    """The model_args that only some item embeddings have: the width d_in of their language input
+    (item_inputs' dims), UniSRec's G, RLMRec's variant and tau. Only for those: the model_args of
+    the other runs, which --resume compares, stay as they were."""
+    extra = {"d_in": dims["d_in"]} if "d_in" in dims else {}
+    if args.item_emb == "unisrec":
+        extra["experts"] = args.experts
+    if args.item_emb == "rlmrec":
+        extra.update(align=args.align, align_temperature=args.align_temperature)
+    return extra
+
+
 def with_alignment(loss_fn, item_emb, weight):
     """loss_fn plus weight * RLMRec's L_info (embeddings.RLMRecEmbedding.aux_loss) over the step's
     targets, the batch's positive items, each against the others, as the authors' code aligns its
-    batch's positive items. Every training item is the target of some window, so an epoch aligns
-    them all; adding the histories (about 5x the distinct items of a window batch, and L_info is
-    quadratic in them) tripled the CPU time of an amazon-toys epoch (31-36 s against 10-11 s for
-    id; targets only: 13-15 s), with the same validation NDCG@20 over 3 epochs."""
+    batch's positive items; loss_fn itself for an item embedding without that loss. Every training
+    item is the target of some window, so an epoch aligns them all; adding the histories (about 5x
+    the distinct items of a window batch, and L_info is quadratic in them) tripled the CPU time of
+    an amazon-toys epoch (31-36 s against 10-11 s for id; targets only: 13-15 s), with the same
+    validation NDCG@20 over 3 epochs."""
+    if not hasattr(item_emb, "aux_loss"):
+        return loss_fn
     return lambda seq, target, *user: loss_fn(seq, target, *user) + weight * item_emb.aux_loss(target)
 
 
