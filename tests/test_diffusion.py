@@ -16,11 +16,10 @@ import pytest
 import torch
 
 import common
-from embeddings import load_subspace
-import decompose
 import evaluate
 import train_diffusion
-from conftest import assert_clean_error, prepare_toy, read_json, read_log, run_script
+from conftest import assert_clean_error, prepare_embedded_toy, read_json, read_log, run_script
+from embeddings import load_subspace
 
 torch.set_num_threads(1)
 
@@ -228,13 +227,10 @@ def test_p_uncond_one_always_uses_null_condition():
 def data(tmp_path_factory):
     """DATA prepared from generated RecBole atomic files, with lang_emb.npy (N, 24) whose last 12
     coordinates have standard deviation 1e-3 (eigenvalues ~0.002 after --scale 40, the first 12 ~1600),
-    and subspace_dreamrec.pt from decompose.py --null_thres 0.25 (d = d_l = 24, d_s = d_n = 12)."""
-    root = tmp_path_factory.mktemp("diffusion")
-    out, rng = prepare_toy(root)
+    and subspace_dreamrec.pt from decompose.py --null_thres 0.25 (d = d_l = 24, d_s = d_n = 12):
+    conftest.prepare_embedded_toy."""
+    out = prepare_embedded_toy(tmp_path_factory.mktemp("diffusion"))
     n = common.load_meta(out)["num_items"]
-    emb = rng.standard_normal((n, 24)) * np.r_[np.ones(12), np.full(12, 1e-3)]
-    np.save(os.path.join(out, "lang_emb.npy"), emb.astype(np.float32))
-    decompose.main([out, "--null_thres", "0.25", "--out", os.path.join(out, "subspace_dreamrec.pt")])
     sub = load_subspace(os.path.join(out, "subspace_dreamrec.pt"), n)
     assert (sub["d_s"], sub["d_n"], sub["lang_emb"].shape[1]) == (12, 12, 24)
     return out
