@@ -28,7 +28,9 @@ NOTE choices that the paper leaves open or the official code does differently:
   directions with s_j <= tau. Defaults: --dim 128 --null_dim 64 (the official SASRec setting).
 - A numerically zero direction (s_j < s_max * 1e-12: always when N <= d_l, and 3 of the 384 of
   all-MiniLM-L6-v2, two of whose outputs are always 0) gets the standardized coordinate 0, not
-  rounding noise blown up to unit variance, inf or NaN.
+  rounding noise blown up to unit variance, inf or NaN. The official code divides it by sqrt(s_j)
+  of rounding size, which turns its float32 rounding noise into coordinates of about unit
+  variance; --standardize_zero does that on purpose, scaling the noise to unit sample variance.
 - Eigenvector signs are fixed (largest-magnitude entry positive), so reruns give the same file.
 - The .npy is mapped one row block (64 MB in float64) at a time and read twice (Sigma in one
   shifted float64 pass, then E_lang): beyond Python and torch, memory is the output plus ~0.2 GB.
@@ -151,15 +153,27 @@ def choose_blocks(s, dim, null_dim=None, null_thres=None, path="lang_emb.npy"):
     return dim - d_n, d_n
 
 
-def projection_matrix(s, U, d, standardize=True):
+def projection_matrix(s, U, d, standardize=True, zero=False):
     """V = U[:, :d] diag(s[:d])^(-1/2), (d_l, d). A numerically zero direction gets a zero column,
-    so its standardized coordinate is 0. standardize=False: V = U[:, :d] (the "w/o Stand" ablation)."""
+    so its standardized coordinate is 0; zero=True keeps u_j there instead (its coordinate is
+    rounding noise, for scale_zero_directions). standardize=False: V = U[:, :d] (the "w/o Stand" ablation)."""
     if not standardize:
         return U[:, :d].copy()
-    inv_sqrt = np.zeros(d)
     keep = s[:d] > s[0] * ZERO_RTOL
+    inv_sqrt = np.where(keep, np.abs(s[:d]), 1.0) ** -0.5 if zero else np.zeros(d)
     inv_sqrt[keep] = s[:d][keep] ** -0.5
     return U[:, :d] * inv_sqrt
+
+
+def scale_zero_directions(lang_emb, V, s):
+    """In place: the coordinates of the numerically zero directions (rounding noise) scaled to unit
+    sample variance over the items, and V's columns alike, so that new items get the same treatment:
+    what the official code's diag(s)^(-1/2) does in effect (--standardize_zero)."""
+    zero = ~(s[:V.shape[1]] > s[0] * ZERO_RTOL)
+    sd = lang_emb[1:, zero].std(axis=0, ddof=1, dtype=np.float64)  # (z,)
+    sd[sd == 0] = 1  # exact zeros stay 0
+    lang_emb[:, zero] /= sd.astype(np.float32)
+    V[:, zero] /= sd
 
 
 def whitening(emb, path="lang_emb.npy"):
@@ -246,6 +260,8 @@ def check_flags(args):
     null_dim = args.null_dim if args.null_dim is not None or by_thres else DEFAULT_NULL_DIM
     if null_dim is not None and not 0 <= null_dim < dim:
         raise DataError(f"--null_dim {null_dim}: must be >= 0 and < --dim {dim}")
+    if args.standardize_zero and args.no_standardize:
+        raise DataError("--standardize_zero and --no_standardize contradict each other: give one")
     if args.plot and importlib.util.find_spec("matplotlib") is None:
         raise DataError("--plot needs matplotlib (pip install matplotlib)")
     return dim, null_dim
@@ -273,6 +289,7 @@ def main(argv=None):
     parser.add_argument("--null_dim", type=int, default=None, help=f"d_n, the null (ID) block = the last d_n kept directions (default {DEFAULT_NULL_DIM})")
     parser.add_argument("--null_thres", type=float, default=None, help="tau: the null (ID) block = the kept directions with eigenvalue s_j <= tau")
     parser.add_argument("--no_standardize", action="store_true", help="E_lang = (E - mu) U[:, :d], without diag(s)^(-1/2) (the paper's 'w/o Stand')")
+    parser.add_argument("--standardize_zero", action="store_true", help="numerically zero directions give rounding noise of unit variance, as in the official code (default: coordinate 0)")
     parser.add_argument("--plot", default=None, metavar="PNG", help="also draw the spectrum to this PNG (needs matplotlib)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
@@ -298,8 +315,10 @@ def main(argv=None):
         if s[0] == 0:
             raise DataError(f"{path}: all rows are identical (zero covariance)")
         d_s, d_n = choose_blocks(s, dim, null_dim, args.null_thres, path)
-        V = projection_matrix(s, U, dim, not args.no_standardize)
+        V = projection_matrix(s, U, dim, not args.no_standardize, args.standardize_zero)
         lang_emb = project(emb, mean, V, args.scale)  # (N+1, d)
+        if args.standardize_zero:
+            scale_zero_directions(lang_emb, V, s)
         print("\n".join(spectrum_report(s, dim, d_s, d_n, args.null_thres)))
 
         settings = dict(vars(args), dim=dim, null_dim=null_dim)  # the flags as resolved

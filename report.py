@@ -40,10 +40,12 @@ LABELS = {"popularity": "Popularity", "sasrec_id": "SASRec (ID)", "sasrec_llmini
           "dreamrec_rlmrec": "RLMRec (DreamRec)", "dreamrec_llmesr": "LLM-ESR (DreamRec)", "dreamrec_idreamrec": "iDreamRec",
           "dreamrec_alphafuse": "AlphaFuse (DreamRec)",
           "ablation_nostand": "w/o Stand", "ablation_noclip": "w/o Clip (d = d_l)", "ablation_nofrozen": "w/o Frozen",
-          "official_fileorder": "official batch order", "official_redraw": "official negatives"}
+          "official_fileorder": "official batch order", "official_redraw": "official negatives",
+          "official_dreamrec_zero": "official zero directions (DreamRec)"}
 MAIN = [m for m in LABELS if not m.startswith(("ablation", "official"))]
 ABLATIONS = ["sasrec_alphafuse", "ablation_nostand", "ablation_noclip", "ablation_nofrozen"]
 OFFICIAL = ["sasrec_alphafuse", "official_fileorder", "official_redraw"]  # one official-code setting each
+OFFICIAL_DREAMREC = ["dreamrec_alphafuse", "official_dreamrec_zero"]
 METRICS = [("all", "HR@10"), ("all", "HR@20"), ("all", "NDCG@10"), ("all", "NDCG@20"), ("masked", "NDCG@20"),
            ("dot", "NDCG@20"), ("head_item", "NDCG@20"), ("tail_item", "NDCG@20"), ("head_user", "NDCG@20"),
            ("tail_user", "NDCG@20")]
@@ -203,8 +205,11 @@ def run(args):
         parts += tables(dataset, methods, MAIN + sorted(set(methods) - set(LABELS)))
         if any(m.startswith("ablation") for m in methods):
             parts += tables(f"{dataset}, ablations of AlphaFuse (SASRec)", methods, ABLATIONS)
-        if any(m.startswith("official") for m in methods):
+        if any(m in OFFICIAL[1:] for m in methods):
             parts += tables(f"{dataset}, AlphaFuse (SASRec) with one setting of the official code", methods, OFFICIAL)
+        if any(m in OFFICIAL_DREAMREC[1:] for m in methods):
+            parts += tables(f"{dataset}, AlphaFuse (DreamRec) with one setting of the official code", methods,
+                            OFFICIAL_DREAMREC)
         if args.plots and any(r["log"] for runs in methods.values() for r in runs):  # not popularity alone
             plot_curves(os.path.join(args.plots, f"curves_{dataset}.png"), methods, f"{dataset}: validation NDCG@20")
     if not parts:

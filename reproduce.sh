@@ -9,7 +9,8 @@
 # ablations of AlphaFuse-SASRec: w/o Stand (decompose --no_standardize), w/o Clip (d = d_l, the
 # same d_n = 64) and w/o Frozen (--train_lang); and AlphaFuse with one setting of the official code
 # each, to measure our deliberate differences: its fixed batch order (--file_order) and its redrawn
-# negatives (--redraw_negatives). Each finished run is also evaluated history-masked
+# negatives (--redraw_negatives); and DreamRec-AlphaFuse with the official code's zero directions
+# (decompose.py --standardize_zero), unless DREAMREC is empty. Each finished run is also evaluated history-masked
 # (RUN/metrics_masked.json) and, for SASRec, ranked by the raw dot product as the official code ranks
 # (RUN/metrics_dot.json). Last, report.py writes docs/results.md and the plots.
 # Runs in pieces: a run with RUN/metrics.json is not trained again and an interrupted one resumes from
@@ -49,7 +50,7 @@ evals() {  # RUN: the finished RUN's test split under the other protocols of the
     # score); each unless its file is newer than RUN/ckpt.pt
     [ $1/metrics_masked.json -nt $1/ckpt.pt ] || $PY evaluate.py $1/ckpt.pt --mask_history --threads $THREADS > /dev/null || return
     case ${1##*/} in
-        dreamrec_*) ;;
+        dreamrec_* | official_dreamrec_*) ;;
         *) [ $1/metrics_dot.json -nt $1/ckpt.pt ] || $PY evaluate.py $1/ckpt.pt --eval_score dot --threads $THREADS > /dev/null ;;
     esac
 }
@@ -79,6 +80,8 @@ for name in $DATASETS; do
         d_l=$($PY -c "import numpy, sys; print(numpy.load(sys.argv[1], mmap_mode='r').shape[1])" $data/lang_emb.npy)
         [ -f $data/subspace_nostand.pt ] || $PY decompose.py $data --no_standardize --out $data/subspace_nostand.pt
         [ -f $data/subspace_noclip.pt ] || $PY decompose.py $data --dim $d_l --null_dim 64 --out $data/subspace_noclip.pt
+        [ -f $data/subspace_dreamrec_zero.pt ] || $PY decompose.py $data --null_thres 0.25 --standardize_zero \
+            --out $data/subspace_dreamrec_zero.pt
     fi
 done
 
@@ -113,6 +116,8 @@ for name in $DATASETS; do
             queue $runs/ablation_nofrozen_s$seed $common --train_lang
             queue $runs/official_fileorder_s$seed $common --file_order
             queue $runs/official_redraw_s$seed $common --redraw_negatives
+            [ -z "$DREAMREC" ] || queue $runs/official_dreamrec_zero_s$seed train_diffusion.py $data --seed $seed \
+                --epochs $DIFF_EPOCHS --patience $PATIENCE --lr $DIFF_LR --subspace $data/subspace_dreamrec_zero.pt
         fi
     done
 done | xargs -d '\n' -n 1 -P "$JOBS" bash -c || status=$?

@@ -104,6 +104,29 @@ def test_fewer_items_than_dimensions_gives_finite_output():
     np.testing.assert_allclose(np.cov(lang[1:, :9], rowvar=False), np.eye(9), atol=1e-4)
 
 
+def test_standardize_zero_gives_the_zero_directions_unit_variance_noise():
+    """--standardize_zero: each numerically zero direction's coordinate is its rounding noise
+    (40 E - mu) u_j scaled to unit sample variance (what the official code's diag(s)^(-1/2) does in
+    effect), the saved V scales alike, and every other coordinate is the one without the flag."""
+    E, _ = spectrum_matrix(10, 32)
+    mean, Sigma = decompose.weighted_covariance(E)
+    s, U = decompose.eigendecompose(Sigma)
+    ours = decompose.project(E, mean, decompose.projection_matrix(s, U, 16), 40.0)
+    V0 = decompose.projection_matrix(s, U, 16, zero=True)
+    V = V0.copy()
+    official = decompose.project(E, mean, V, 40.0)
+    raw = official[:, 9:].copy()  # (N+1, 7): the zero directions' rounding noise
+    assert 0 < np.abs(raw).max() < 1e-6
+    decompose.scale_zero_directions(official, V, s)
+    np.testing.assert_array_equal(official[:, :9], ours[:, :9])
+    assert not ours[:, 9:].any() and not official[0].any()
+    np.testing.assert_allclose(official[1:, 9:].var(axis=0, ddof=1), 1.0, rtol=1e-5)
+    sd = raw[1:].std(axis=0, ddof=1, dtype=np.float64)
+    np.testing.assert_allclose(official[:, 9:], raw / sd, rtol=1e-5)
+    np.testing.assert_array_equal(V[:, :9], V0[:, :9])
+    np.testing.assert_allclose(V[:, 9:], V0[:, 9:] / sd, rtol=1e-12)
+
+
 def test_popularity_weighting_equals_the_weighted_formula_by_hand():
     """p = (1, 1, 2) / 4 on three 2-D points: mu = sum p_i x_i = (0.5, 2), and
     Sigma = sum p_i (x_i - mu)(x_i - mu)^T / (1 - sum p_i^2) = [[0.75, -1], [-1, 4]] / 0.625.
@@ -212,7 +235,8 @@ def test_cli_end_to_end(tmp_path):
     with open(os.path.join(data, "lang_emb.npy"), "rb") as f:
         assert sub["lang_emb_sha256"] == hashlib.sha256(f.read()).hexdigest()
     assert sub["settings"] == {"data": data, "out": None, "scale": 40.0, "weighting": "uniform", "dim": 16,
-                               "null_dim": 4, "null_thres": None, "no_standardize": False, "plot": None}
+                               "null_dim": 4, "null_thres": None, "no_standardize": False, "standardize_zero": False,
+                               "plot": None}
     loaded = load_subspace(os.path.join(data, "subspace.pt"), num_items=60)
     assert FusedItemEmbedding(loaded["lang_emb"], loaded["d_s"]).table().shape == (61, 16)
 
@@ -272,6 +296,8 @@ BAD_INPUTS = [  # (id, how to break the matrix or folder, flags, words the error
     ("null-dim-too-large", lambda E: E, ["--dim", "16", "--null_dim", "16"], ["--null_dim 16"]),
     ("null-dim-negative", lambda E: E, ["--dim", "16", "--null_dim", "-1"], ["--null_dim -1"]),
     ("threshold-selects-nothing", lambda E: E, ["--null_thres", "1e-9"], ["selects none", "smallest eigenvalue"]),
+    ("standardize-zero-without-standardizing", lambda E: E, ["--standardize_zero", "--no_standardize"],
+     ["--standardize_zero", "--no_standardize"]),
     ("threshold-selects-everything", lambda E: E, ["--null_thres", "1e9"], ["selects all", "largest eigenvalue"]),
 ]
 

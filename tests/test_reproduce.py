@@ -26,7 +26,8 @@ MAIN_ROWS = ["Popularity", "SASRec (ID)", "LLMInit", "MoRec", "WhitenRec", "Alph
              "DreamRec (ID)", "AlphaFuse (DreamRec)"]
 RUNS = ["sasrec_alphafuse", "sasrec_id", "sasrec_llminit", "sasrec_morec", "sasrec_whitenrec",
         "dreamrec_alphafuse", "dreamrec_id", "ablation_nostand", "ablation_noclip", "ablation_nofrozen",
-        "official_fileorder", "official_redraw"]
+        "official_fileorder", "official_redraw", "official_dreamrec_zero"]
+DREAMREC_RUNS = ("dreamrec", "official_dreamrec")  # name prefixes of the DreamRec runs
 # The settings in reproduce() bound the work: about 30 commands that each start Python, most of
 # them torch; 3 minutes on 2 cores beside another CPU-heavy process. A run still going after an
 # hour hangs (the limit is no measure of the machine's speed).
@@ -76,9 +77,10 @@ def test_every_run_finishes_with_its_schedule(repro):
     for name in os.listdir(runs):
         assert os.path.isfile(runs / name / "metrics.json"), name
         if name != "popularity":
-            epochs = 1 if name.startswith("dreamrec") else 2
+            epochs = 1 if name.startswith(DREAMREC_RUNS) else 2
             assert [r["epoch"] for r in read_log(runs / name)] == list(range(1, epochs + 1)), name
-    for name in ("subspace.pt", "subspace_dreamrec.pt", "subspace_nostand.pt", "subspace_noclip.pt"):
+    for name in ("subspace.pt", "subspace_dreamrec.pt", "subspace_nostand.pt", "subspace_noclip.pt",
+                 "subspace_dreamrec_zero.pt"):
         assert os.path.isfile(root / "data" / "toy" / name), name
 
 
@@ -90,7 +92,7 @@ def test_results_keeps_the_small_files_of_every_finished_run(repro):
     assert sorted(os.listdir(results)) == sorted(os.listdir(runs))
     for name in os.listdir(runs):
         files = ["log.jsonl", "metrics.json", "metrics_masked.json"]  # and ranked by the dot product, SASRec
-        files = files[1:] if name == "popularity" else files if name.startswith("dreamrec") else files + ["metrics_dot.json"]
+        files = files[1:] if name == "popularity" else files if name.startswith(DREAMREC_RUNS) else files + ["metrics_dot.json"]
         assert sorted(os.listdir(results / name)) == sorted(files), name
         for f in files:
             assert (results / name / f).read_bytes() == (runs / name / f).read_bytes(), (name, f)
@@ -102,7 +104,7 @@ def test_results_keeps_the_small_files_of_every_finished_run(repro):
 def test_ablations_get_their_subspaces(repro):
     """w/o Clip keeps all d_l = 384 directions with the same d_n = 64; w/o Frozen trains the
     language coordinates; w/o Stand reads the unstandardized subspace; the official_* runs have
-    their one official setting."""
+    their one official setting: DreamRec's the subspace whose zero directions are standardized."""
     import torch
     root, _ = repro
     runs = root / "runs" / "toy"
@@ -119,6 +121,16 @@ def test_ablations_get_their_subspaces(repro):
                 for n in ("sasrec_alphafuse_s0", "official_fileorder_s0", "official_redraw_s0")}
     assert settings == {"sasrec_alphafuse_s0": (False, False), "official_fileorder_s0": (True, False),
                         "official_redraw_s0": (False, True)}
+    zero = config("official_dreamrec_zero_s0")
+    assert zero["config"]["subspace"].endswith("subspace_dreamrec_zero.pt")
+    assert zero["model_args"] == config("dreamrec_alphafuse_s0")["model_args"]
+    ours, official = (torch.load(root / "data" / "toy" / f, weights_only=True)
+                      for f in ("subspace_dreamrec.pt", "subspace_dreamrec_zero.pt"))
+    s = ours["eigenvalues"][:ours["lang_emb"].shape[1]]
+    zero = ~(s > s[0] * 1e-12)  # the 40 toy items span 39 of the 384 directions
+    assert zero.sum() == 384 - 39 and torch.equal(ours["lang_emb"][:, ~zero], official["lang_emb"][:, ~zero])
+    assert not ours["lang_emb"][:, zero].any()
+    torch.testing.assert_close(official["lang_emb"][1:, zero].double().var(dim=0), torch.ones(345, dtype=torch.float64))
 
 
 def test_table_cells_are_mean_and_std_over_seeds(repro):
@@ -131,11 +143,15 @@ def test_table_cells_are_mean_and_std_over_seeds(repro):
     tables = rows(text)
     late = "not converged (a seed's best epoch is its last epoch)"
     ablated, official = "toy, ablations of AlphaFuse (SASRec)", "toy, AlphaFuse (SASRec) with one setting of the official code"
-    assert set(tables) <= {title + part for title in ("toy", ablated, official) for part in ("", f", {late}")}
-    main, ablations, officials = ({**tables.get(t, {}), **tables.get(f"{t}, {late}", {})} for t in ("toy", ablated, official))
+    official_dreamrec = "toy, AlphaFuse (DreamRec) with one setting of the official code"
+    titles = ("toy", ablated, official, official_dreamrec)
+    assert set(tables) <= {title + part for title in titles for part in ("", f", {late}")}
+    main, ablations, officials, officials_dreamrec = ({**tables.get(t, {}), **tables.get(f"{t}, {late}", {})}
+                                                      for t in titles)
     assert sorted(main) == sorted(MAIN_ROWS)
     assert sorted(ablations) == sorted(["AlphaFuse (SASRec)", "w/o Stand", "w/o Clip (d = d_l)", "w/o Frozen"])
     assert sorted(officials) == sorted(["AlphaFuse (SASRec)", "official batch order", "official negatives"])
+    assert sorted(officials_dreamrec) == sorted(["AlphaFuse (DreamRec)", "official zero directions (DreamRec)"])
     for label, run in [("AlphaFuse (SASRec)", "sasrec_alphafuse"), ("DreamRec (ID)", "dreamrec_id")]:
         def column(file, group="all"):
             v = np.array([read_json(runs / f"{run}_s{s}" / file)["test"][group]["NDCG@20"] for s in (0, 1)])
