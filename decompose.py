@@ -160,7 +160,7 @@ def projection_matrix(s, U, d, standardize=True, zero=False):
     if not standardize:
         return U[:, :d].copy()
     keep = s[:d] > s[0] * ZERO_RTOL
-    inv_sqrt = np.where(keep, np.abs(s[:d]), 1.0) ** -0.5 if zero else np.zeros(d)
+    inv_sqrt = np.ones(d) if zero else np.zeros(d)  # what the numerically zero directions get
     inv_sqrt[keep] = s[:d][keep] ** -0.5
     return U[:, :d] * inv_sqrt
 
