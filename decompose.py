@@ -153,13 +153,18 @@ def choose_blocks(s, dim, null_dim=None, null_thres=None, path="lang_emb.npy"):
     return dim - d_n, d_n
 
 
+def not_zero(s, d):
+    """(d,) bool: which of the first d directions are not numerically zero (s_j > s_max * ZERO_RTOL)."""
+    return s[:d] > s[0] * ZERO_RTOL
+
+
 def projection_matrix(s, U, d, standardize=True, zero=False):
     """V = U[:, :d] diag(s[:d])^(-1/2), (d_l, d). A numerically zero direction gets a zero column,
     so its standardized coordinate is 0; zero=True keeps u_j there instead (its coordinate is
     rounding noise, for scale_zero_directions). standardize=False: V = U[:, :d] (the "w/o Stand" ablation)."""
     if not standardize:
         return U[:, :d].copy()
-    keep = s[:d] > s[0] * ZERO_RTOL
+    keep = not_zero(s, d)
     inv_sqrt = np.ones(d) if zero else np.zeros(d)  # what the numerically zero directions get
     inv_sqrt[keep] = s[:d][keep] ** -0.5
     return U[:, :d] * inv_sqrt
@@ -169,7 +174,7 @@ def scale_zero_directions(lang_emb, V, s):
     """In place: the coordinates of the numerically zero directions (rounding noise) scaled to unit
     sample variance over the items, and V's columns alike, so that new items get the same treatment:
     what the official code's diag(s)^(-1/2) does in effect (--standardize_zero)."""
-    zero = ~(s[:V.shape[1]] > s[0] * ZERO_RTOL)
+    zero = ~not_zero(s, V.shape[1])  # the columns projection_matrix(zero=True) left unscaled
     sd = lang_emb[1:, zero].std(axis=0, ddof=1, dtype=np.float64)  # (z,)
     sd[sd == 0] = 1  # exact zeros stay 0
     lang_emb[:, zero] /= sd.astype(np.float32)
