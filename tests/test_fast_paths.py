@@ -68,6 +68,28 @@ def test_loss_and_gradients_equal_the_obvious_implementation(item_emb, blocks):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
+def test_unisrec_gated_sum_equals_the_equations_as_written():
+    """UniSRec's adaptor (the gate applied by one batched product, the bias terms b_k W_k once per
+    expert) gives the items and the gradients of W, b, W_gate and W_noise of eqs. 2-5 as written
+    (reference.unisrec_items) to float rounding, in training: the same seed, the same dropout mask
+    and gate noise."""
+    emb = sasrec("unisrec").item_emb.train()
+    with torch.no_grad():
+        for p in (emb.b, emb.W_gate, emb.W_noise):
+            p.normal_(0, 0.5)
+    weights = torch.randn(len(emb.features), 16)
+    out = []
+    for items in (lambda x: emb.adapt(x), lambda x: reference.unisrec_items(emb, x)):
+        torch.manual_seed(3)
+        v = items(emb.features)
+        out.append((v, torch.autograd.grad((v * weights).sum(), [emb.W, emb.b, emb.W_gate, emb.W_noise])))
+    (ours, ours_grads), (written, written_grads) = out
+    torch.testing.assert_close(ours, written)
+    for a, b in zip(ours_grads, written_grads):
+        assert b.abs().sum() > 0
+        torch.testing.assert_close(a, b)
+
+
 def test_rank_within_equals_the_full_count():
     """rank_within (a pool first, full scores only where needed) gives every metric of the full
     ranking at every cut-off up to k: on random scores, on rows that are all ties, and on a NaN."""

@@ -60,6 +60,25 @@ def adam_step(model, seq, target):
 # -----------------------------------------------------------------------------
 # the dual-view items
 
+
+def test_semantic_view_is_the_two_layer_adapter_with_its_gradients():
+    """e^se = semantic(E^llm), the adapter as one affine map x (W_2 W_1)^T + W_2 b_1 + b_2, gives the
+    numbers of the two layers W_2 (W_1 x + b_1) + b_2 and the gradients of all four of their
+    parameters (to float rounding), for a loss that weighs every output differently."""
+    emb = llmesr().item_emb
+    x, weights = emb.features, torch.randn(N + 1, D)
+    grads = []
+    for adapt in (emb.adapter, emb.semantic):
+        out = adapt(x)
+        (out * weights).sum().backward()
+        grads.append((out.detach(), [p.grad.clone() for p in emb.adapter.parameters()]))
+        emb.zero_grad()
+    (two_layers, want), (affine, got) = grads
+    torch.testing.assert_close(affine, two_layers)
+    assert len(want) == 4 and all(g.abs().sum() > 0 for g in want)
+    for w, g in zip(want, got):
+        torch.testing.assert_close(g, w)
+
 def test_llm_embeddings_stay_frozen_while_adapter_table_and_cross_attention_train():
     """One Adam step: the LLM embeddings are a buffer, not a parameter, and unchanged; the adapter's
     two layers, the collaborative table (its real rows) and both cross-attentions moved."""
