@@ -3,7 +3,8 @@ The SASRec step and evaluation written the obvious way, for the exactness tests 
 benchmark: every position through every block, candidates gathered as (B, 1+K, d) and normalised,
 einsum logits, the full (B, N+1) score matrix and one int64 count per row for the rank; a plain
 (non-fused) Adam. These functions read the parameters of a train_discriminative.SASRec, so the
-two implementations can be compared on the same weights.
+two implementations can be compared on the same weights. And UniSRec's and LLM-ESR's items as
+their equations read, for bench/bench_baselines.py.
 """
 
 import torch
@@ -37,3 +38,16 @@ def metrics(model, seq, target, ks=(10, 20), batch_size=1024):
         s_target = scores.gather(1, t[:, None])
         out.append(metrics_at((scores[:, 1:] >= s_target).sum(1), ks))
     return {k: torch.cat([o[k] for o in out]) for k in out[0]}
+
+
+def unisrec_items(emb, x):
+    """UniSRec's items (embeddings.MoEAdaptorEmbedding) as eqs. 2-3 read: every expert's
+    (x - b_k) W_k in the (..., G, d) experts, then the gate's weighted sum by multiply-and-sum."""
+    d_l, G, d = emb.W.shape
+    experts = (emb.drop(x) @ emb.W.view(d_l, G * d)).unflatten(-1, (G, d)) - torch.einsum("gl,lgd->gd", emb.b, emb.W)
+    return (emb.gate(x)[..., None] * experts).sum(-2)
+
+
+def llmesr_semantic(emb, x):
+    """LLM-ESR's semantic view (embeddings.DualViewEmbedding) as its two layers read: W_2 (W_1 x + b_1) + b_2."""
+    return emb.adapter(x)
