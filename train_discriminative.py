@@ -206,6 +206,17 @@ class SASRec(torch.nn.Module):
 def build_model(model_args, init=None, cold=()):
     return SASRec(**model_args, init=init, cold=cold)
 
+def model_args_of(args, meta, dims):
+    """build_model's model_args from the command line, meta.json and item_inputs' dims."""
+    model_args = {"item_emb": args.item_emb, "num_items": meta["num_items"], "d": dims.get("hidden_dim", args.hidden_dim),
+                  "max_len": meta["max_len"], "num_blocks": args.num_blocks, "num_heads": args.num_heads,
+                  "dropout": args.dropout, "score": args.score, "eval_score": args.eval_score or args.score,
+                  "temperature": args.temperature, "d_in": dims.get("d_in", 0), "d_s": dims.get("d_s", 0),
+                  "id_init": args.id_init, "train_lang": args.train_lang, "id_replace": args.id_replace}
+    model_args.update(embedding_args(args, dims))  # unisrec's G, rlmrec's settings, the language input's d_in
+    return model_args
+
+
 def run(args):
     device = args.device  # checked and resolved by check_loop_args
     gens = {"perm": seed_everything(args.seed),
@@ -213,12 +224,7 @@ def run(args):
     meta = common.load_meta(args.data)
     loop_defaults(args, meta)
     init, dims, provenance = item_inputs(args, meta)
-    model_args = {"item_emb": args.item_emb, "num_items": meta["num_items"], "d": dims.get("hidden_dim", args.hidden_dim),
-                  "max_len": meta["max_len"], "num_blocks": args.num_blocks, "num_heads": args.num_heads,
-                  "dropout": args.dropout, "score": args.score, "eval_score": args.eval_score or args.score,
-                  "temperature": args.temperature, "d_in": dims.get("d_in", 0), "d_s": dims.get("d_s", 0),
-                  "id_init": args.id_init, "train_lang": args.train_lang, "id_replace": args.id_replace}
-    model_args.update(embedding_args(args, dims))  # unisrec's G, rlmrec's settings, the language input's d_in
+    model_args = model_args_of(args, meta, dims)
     cold = meta.get("cold_items", [])  # prepare.py --cold_items: held out of training
     model = build_model(model_args, init, cold).to(device)
     set_teachers(model, args, meta, init)  # llmesr's self-distillation
@@ -231,7 +237,8 @@ def run(args):
     fit(args, model, model_args, optimizer, loss_fn, gens, "sasrec", {**vars(args), "device": device, **provenance})
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line, checked (parser.error on a bad flag), with the defaults that depend on other flags filled in."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=common.HelpFormatter)
     p.add_argument("data", help="prepared dataset folder DATA (prepare.py)")
     p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
@@ -257,6 +264,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     args.subspace = args.subspace or os.path.join(args.data, "subspace.pt")
     check_loop_args(p, args, {"temperature": "(0, 1e37)", **({"neg_ratio": "[1, inf)"} if args.loss != "ce" else {})})
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     try:
         run(args)
     except DataError as e:

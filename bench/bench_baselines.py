@@ -20,7 +20,6 @@ import shutil
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
 
@@ -49,29 +48,26 @@ def cpu_seconds(fn, steps):
     return (time.process_time() - t0) / steps
 
 
-def build(item_emb, data, subspace, meta):
-    """A SASRec with train_discriminative's defaults for this item embedding, LLM-ESR's teachers set."""
-    args = SimpleNamespace(item_emb=item_emb, data=data, subspace=subspace, num_heads=1, hidden_dim=128,
-                           experts=8, align="con", align_temperature=0.2, alpha=0.1, sim_users=10)
+def build(item_emb, data, subspace, meta, out):
+    """train_discriminative's model and settings for `--item_emb item_emb`, every other flag at its
+    default (the run folder `out` is never written), LLM-ESR's teachers set: (model, args)."""
+    args = train_discriminative.parse_args([data, "--out", out, "--item_emb", item_emb, "--subspace", subspace,
+                                            "--device", "cpu"])
     init, dims, _ = training.item_inputs(args, meta)
-    model_args = dict(item_emb=item_emb, num_items=meta["num_items"], d=dims.get("hidden_dim", 128),
-                      max_len=meta["max_len"], num_blocks=1, num_heads=1, dropout=0.1, score="cosine",
-                      eval_score="cosine", temperature=0.07, d_in=dims.get("d_in", 0), d_s=dims.get("d_s", 0))
-    model_args.update(training.embedding_args(args, dims))
-    model = train_discriminative.build_model(model_args, init)
+    model = train_discriminative.build_model(train_discriminative.model_args_of(args, meta, dims), init)
     training.set_teachers(model, args, meta, init)
-    return model.train()
+    return model.train(), args
 
 
-def step_seconds(model, train, num_items, steps, g):
-    """CPU seconds of one training step of `model`, as train_discriminative runs it."""
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
-    align = 0.01 if hasattr(model.item_emb, "aux_loss") else 0.0
-    loss_fn = training.with_alignment(lambda s, t, u: model.loss(s, t, "infonce", 64, g, user=u, alpha=0.1),
-                                      model.item_emb, align)
+def step_seconds(model, args, train, steps, g):
+    """CPU seconds of one training step of `model`, as train_discriminative runs it with `args`."""
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=True)
+    loss_fn = training.with_alignment(
+        lambda s, t, u: model.loss(s, t, args.loss, args.neg_ratio, g, user=u, alpha=args.alpha),
+        model.item_emb, args.align_weight)
 
     def step():
-        i = torch.randint(0, len(train["target"]), (256,), generator=g)
+        i = torch.randint(0, len(train["target"]), (args.batch_size,), generator=g)
         loss = loss_fn(train["seq"][i], train["target"][i], train["user"][i])
         opt.zero_grad()
         loss.backward()
@@ -108,8 +104,8 @@ def main(argv=None):
         g = torch.Generator().manual_seed(0)
         for item_emb in ITEM_EMBS:
             torch.manual_seed(0)
-            model = build(item_emb, data, subspace, meta)
-            s = step_seconds(model, train, meta["num_items"], args.steps, g)
+            model, run_args = build(item_emb, data, subspace, meta, os.path.join(tmp, "run"))
+            s = step_seconds(model, run_args, train, args.steps, g)
             print(f"  {item_emb:<10} {s:.3f} CPU-s per step, ~{s * steps_per_epoch:.0f} per epoch")
             emb = model.item_emb
             if item_emb not in WRITTEN:

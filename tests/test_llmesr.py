@@ -60,7 +60,6 @@ def adam_step(model, seq, target):
 # -----------------------------------------------------------------------------
 # the dual-view items
 
-
 def test_semantic_view_is_the_two_layer_adapter_with_its_gradients():
     """e^se = semantic(E^llm), the adapter as one affine map x (W_2 W_1)^T + W_2 b_1 + b_2, gives the
     numbers of the two layers W_2 (W_1 x + b_1) + b_2 and the gradients of all four of their
@@ -78,6 +77,7 @@ def test_semantic_view_is_the_two_layer_adapter_with_its_gradients():
     assert len(want) == 4 and all(g.abs().sum() > 0 for g in want)
     for w, g in zip(want, got):
         torch.testing.assert_close(g, w)
+
 
 def test_llm_embeddings_stay_frozen_while_adapter_table_and_cross_attention_train():
     """One Adam step: the LLM embeddings are a buffer, not a parameter, and unchanged; the adapter's
