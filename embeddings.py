@@ -280,13 +280,21 @@ class DualViewEmbedding(torch.nn.Module):
         return self.forward(torch.arange(len(self.features), device=self.features.device))
 
 
+# the baselines fed the language vectors themselves, times lang_scale (whitenrec and idreamrec
+# standardize them, alphafuse and llminit take decompose.py's coordinates)
+RAW_INPUT = ("morec", "unisrec", "rlmrec", "llmesr")
+
+
 def make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init=None, cold=(),
-                        experts=8, align="con", align_temperature=0.2):
+                        experts=8, align="con", align_temperature=0.2, lang_scale=1.0):
     """The item embedding module; `init` is the language tensor it is built on (zeros as a
     placeholder when rebuilding from a checkpoint, whose state_dict then fills it). The `cold` items'
     rows (training only) never change: zero ID rows, as a new item's; llminit's language rows;
     llmesr's PCA rows. `experts`: unisrec's G; `align`, `align_temperature`: rlmrec's variant and tau.
-    llmesr: d per view (2d items), PCA only from an `init`."""
+    llmesr: d per view (2d items), PCA only from an `init`. `lang_scale`: the factor on the
+    language vectors of the RAW_INPUT baselines (the official code's language_embs_scale, 40)."""
+    if init is not None and item_emb in RAW_INPUT:
+        init = lang_scale * init
     adapter = item_emb in ("morec", "whitenrec", "unisrec", "idreamrec")
     if item_emb == "llmesr":
         return DualViewEmbedding(torch.zeros(num_items + 1, d_in) if init is None else init, d, cold, init is not None)

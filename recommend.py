@@ -26,9 +26,9 @@ client, one request of up to 32 texts at a time; --base_url overrides the record
 from --api_key_env), and each vector e becomes what the item embedding would hold for it:
   alphafuse  E_lang = (scale * e - mean) @ V with the run's subspace (decompose.py's projection),
              plus a zero ID part: e_new = [E_lang[:d_s], E_lang[d_s:] + 0] (also with --train_lang)
-  morec, unisrec  the adapter (unisrec: its MoE adaptor) applied to e
-  llmesr     the semantic view, its adapter applied to e, beside the collaborative view's initial
-             row, e's PCA coordinates (as a cold item keeps them): [(e - pca_mean) pca_basis, adapter(e)]
+  morec, unisrec  the adapter (unisrec: its MoE adaptor) applied to s e (s: the run's --lang_scale)
+  llmesr     the semantic view, its adapter applied to s e, beside the collaborative view's initial
+             row, s e's PCA coordinates (as a cold item keeps them): [(s e - pca_mean) pca_basis, adapter(s e)]
   whitenrec  the adapter applied to e whitened with the mean and covariance of DATA/lang_emb.npy,
              recomputed as the trainer computes them; idreamrec (DreamRec) the whitened e itself
   id, llminit, rlmrec (a trained row per item) cannot: one error line. A history may name new items too.
@@ -150,8 +150,9 @@ def new_item_rows(args, model, ckpt, data_dir):
         mean, V = sub["mean"].numpy(), sub["projection"].numpy()
         return len(mean), lambda e: decompose.project(e, mean, V, scale)[1:]
     d_l = emb.features.shape[1]
-    if kind in ("morec", "unisrec", "llmesr"):  # the raw vectors
-        return d_l, lambda e: e
+    if kind in ("morec", "unisrec", "llmesr"):  # the vectors times the run's lang_scale, as make_item_embedding
+        scale = ckpt["model_args"].get("lang_scale", 1.0)
+        return d_l, lambda e: scale * e
     path = os.path.join(data_dir, "lang_emb.npy")  # whitenrec, idreamrec: the trainer's whitening, recomputed
     lang = decompose.open_lang_emb(path)
     mean, V = decompose.whitening(lang, path)

@@ -13,7 +13,8 @@ Writes --out: per dataset one Markdown table of the test split (full ranking): m
        epoch (validation NDCG@20) and the epochs and training minutes per run. A method with a
        seed whose best epoch is its last epoch has not converged: its row goes to a second table,
        never the first. Then, where there are ablation runs, their tables beside AlphaFuse's, and
-       likewise the runs of AlphaFuse with one setting of the official code (official_*). A
+       likewise the runs of AlphaFuse with one setting of the official code (official_*), and
+       the language baselines beside their runs on the unscaled vectors (raw_*, --lang_scale 1). A
        run without metrics.json yet (unfinished) is left out.
        --plots: curves_<dataset>.png, validation NDCG@20 over epochs per method, the mean over
        the seeds with a band of one standard deviation up to the shortest seed's last epoch,
@@ -41,11 +42,14 @@ LABELS = {"popularity": "Popularity", "sasrec_id": "SASRec (ID)", "sasrec_llmini
           "dreamrec_alphafuse": "AlphaFuse (DreamRec)",
           "ablation_nostand": "w/o Stand", "ablation_noclip": "w/o Clip (d = d_l)", "ablation_nofrozen": "w/o Frozen",
           "official_fileorder": "official batch order", "official_redraw": "official negatives",
-          "official_dreamrec_zero": "official zero directions (DreamRec)"}
-MAIN = [m for m in LABELS if not m.startswith(("ablation", "official"))]
+          "official_dreamrec_zero": "official zero directions (DreamRec)",
+          "raw_morec": "MoRec, unscaled", "raw_unisrec": "UniSRec, unscaled", "raw_rlmrec": "RLMRec, unscaled",
+          "raw_llmesr": "LLM-ESR, unscaled"}
+MAIN = [m for m in LABELS if not m.startswith(("ablation", "official", "raw"))]
 ABLATIONS = ["sasrec_alphafuse", "ablation_nostand", "ablation_noclip", "ablation_nofrozen"]
 OFFICIAL = ["sasrec_alphafuse", "official_fileorder", "official_redraw"]  # one official-code setting each
 OFFICIAL_DREAMREC = ["dreamrec_alphafuse", "official_dreamrec_zero"]
+UNSCALED = [m for e in ("morec", "unisrec", "rlmrec", "llmesr") for m in (f"sasrec_{e}", f"raw_{e}")]  # --lang_scale 40 vs 1
 METRICS = [("all", "HR@10"), ("all", "HR@20"), ("all", "NDCG@10"), ("all", "NDCG@20"), ("masked", "NDCG@20"),
            ("dot", "NDCG@20"), ("head_item", "NDCG@20"), ("tail_item", "NDCG@20"), ("head_user", "NDCG@20"),
            ("tail_user", "NDCG@20")]
@@ -173,7 +177,7 @@ def plot_curves(path, methods, title):
         values = np.array([[c[e] for c in curves] for e in epochs])  # (epochs, seeds)
         mean, std = values.mean(1), values.std(1)
         line, = ax.plot(epochs, mean, marker="o" if len(epochs) <= 30 else None, ms=3, lw=1.5,
-                        label=LABELS.get(method, method), ls="--" if method.startswith(("ablation", "official")) else "-")
+                        label=LABELS.get(method, method), ls="--" if method.startswith(("ablation", "official", "raw")) else "-")
         ax.fill_between(epochs, mean - std, mean + std, color=line.get_color(), alpha=0.15, lw=0)
         for c in curves:
             later = [e for e in sorted(c) if e >= epochs[-1]]
@@ -210,6 +214,9 @@ def run(args):
         if any(m in OFFICIAL_DREAMREC[1:] for m in methods):
             parts += tables(f"{dataset}, AlphaFuse (DreamRec) with one setting of the official code", methods,
                             OFFICIAL_DREAMREC)
+        if any(m.startswith("raw_") for m in methods):
+            parts += tables(f"{dataset}, the language baselines with the official x40 and on the unscaled vectors "
+                            "(--lang_scale 1)", methods, UNSCALED)
         if args.plots and any(r["log"] for runs in methods.values() for r in runs):  # not popularity alone
             plot_curves(os.path.join(args.plots, f"curves_{dataset}.png"), methods, f"{dataset}: validation NDCG@20")
     if not parts:

@@ -10,7 +10,9 @@
 # same d_n = 64) and w/o Frozen (--train_lang); and AlphaFuse with one setting of the official code
 # each, to measure our deliberate differences: its fixed batch order (--file_order) and its redrawn
 # negatives (--redraw_negatives); and DreamRec-AlphaFuse with the official code's zero directions
-# (decompose.py --standardize_zero), unless DREAMREC is empty. Each finished run is also evaluated history-masked
+# (decompose.py --standardize_zero), unless DREAMREC is empty. RAW (say "morec rlmrec") trains those SASRec
+# baselines also on the unscaled language vectors (--lang_scale 1), the measured effect of the official
+# x40. Each finished run is also evaluated history-masked
 # (RUN/metrics_masked.json) and, for SASRec, ranked by the raw dot product as the official code ranks
 # (RUN/metrics_dot.json). Last, report.py writes docs/results.md and the plots.
 # Runs in pieces: a run with RUN/metrics.json is not trained again and an interrupted one resumes from
@@ -32,6 +34,7 @@ DATASETS=${DATASETS:-"amazon-toys amazon-beauty ml-1m"}
 SEEDS=${SEEDS:-"0 1 2"}
 SASREC=${SASREC-"alphafuse id llminit morec whitenrec unisrec rlmrec llmesr"}
 DREAMREC=${DREAMREC-"alphafuse id llminit morec whitenrec unisrec rlmrec idreamrec llmesr"}
+RAW=${RAW-""}                    # SASRec baselines also trained on the unscaled vectors (--lang_scale 1; RUN raw_EMB_sSEED)
 ABLATE=${ABLATE-amazon-toys}
 EPOCHS=${EPOCHS:-200}            # SASRec, at most; early stopping after PATIENCE validations without a better one
 PATIENCE=${PATIENCE:-10}
@@ -104,6 +107,10 @@ for name in $DATASETS; do
         for emb in $SASREC; do
             queue $runs/sasrec_${emb}_s$seed train_discriminative.py $data --item_emb $emb --seed $seed \
                 --epochs $EPOCHS --patience $PATIENCE
+        done
+        for emb in $RAW; do  # the measured effect of the official x40 (the trainers' default --lang_scale)
+            queue $runs/raw_${emb}_s$seed train_discriminative.py $data --item_emb $emb --seed $seed \
+                --epochs $EPOCHS --patience $PATIENCE --lang_scale 1
         done
         for emb in $DREAMREC; do
             queue $runs/dreamrec_${emb}_s$seed train_diffusion.py $data --item_emb $emb --seed $seed \

@@ -10,9 +10,9 @@ AlphaFuse item embeddings or a baseline's, then evaluate the best checkpoint onc
                         ID vectors in its null coordinates d_s..d
              id         a trainable table (N+1, --hidden_dim): DreamRec itself
              llminit    a trainable table (N+1, d_l) initialised from --subspace's coordinates
-             morec      frozen raw language embeddings (lang_emb.npy) -> MLP adapter -> --hidden_dim
+             morec      frozen language embeddings (lang_emb.npy) x --lang_scale -> MLP adapter -> --hidden_dim
              whitenrec  frozen whitened language embeddings (all d_l directions) -> the same adapter
-             unisrec    frozen raw language embeddings -> UniSRec's MoE adaptor -> --hidden_dim
+             unisrec    frozen language embeddings x --lang_scale -> UniSRec's MoE adaptor -> --hidden_dim
              idreamrec  iDreamRec: the frozen whitened language embeddings are the items (d = d_l;
                         no adapter, no ID; embeddings.FrozenEmbedding)
              llmesr     LLM-ESR's items and encoder (embeddings.DualViewEmbedding, model.DualViewEncoder):
@@ -68,7 +68,7 @@ import common
 from common import DataError
 from embeddings import make_item_embedding
 from model import DualViewEncoder, SASRecEncoder, seed_everything, self_distillation
-from training import (add_align_args, add_distill_args, add_loop_args, check_loop_args, embedding_args, fit,
+from training import (add_align_args, add_distill_args, add_language_args, add_loop_args, check_loop_args, embedding_args, fit,
                       interrupted, item_inputs, loop_defaults, param_groups, set_teachers, with_alignment)
 
 
@@ -96,13 +96,13 @@ class DreamRec(torch.nn.Module):
 
     def __init__(self, item_emb, num_items, d, max_len, num_blocks, num_heads, dropout, timesteps,
                  beta_start, beta_end, schedule, w, p_uncond, sample_steps, d_s=0, id_init="normal", init=None, cold=(),
-                 d_in=0, experts=8, align="con", align_temperature=0.2):
+                 d_in=0, experts=8, align="con", align_temperature=0.2, lang_scale=1.0):
         super().__init__()
         self.num_items, self.T, self.w, self.p_uncond, self.sample_steps = num_items, timesteps, w, p_uncond, sample_steps
         # cold items (training only): untouched rows (zero ID rows, llminit's language rows); DreamRec
         # draws no negatives, and no history or target of training holds a cold item
         self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, False, False, init, cold, experts,
-                                            align, align_temperature)
+                                            align, align_temperature, lang_scale)
         self.encoder = (DualViewEncoder if item_emb == "llmesr" else SASRecEncoder)(d, max_len, num_blocks, num_heads, dropout)
         d = 2 * d if item_emb == "llmesr" else d  # D: llmesr's items and states are two views of d side by side
         self.null_c = torch.nn.Parameter(torch.randn(d))  # the unconditional "condition", N(0, 1) as the official code
@@ -225,7 +225,7 @@ def main(argv=None):
     p.add_argument("--out", required=True, help="run folder RUN for ckpt.pt, last.pt, log.jsonl, metrics.json")
     p.add_argument("--subspace", default=None, help="decompose.py output with d = d_l (default DATA/subspace_dreamrec.pt)")
     p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec", "idreamrec", "llmesr"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
-    p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
+    add_language_args(p)
     add_align_args(p)
     add_distill_args(p)
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors")

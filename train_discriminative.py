@@ -10,13 +10,13 @@ item embedding, then evaluate the best checkpoint once on test.
                         null space (coordinates d_s..d) of subspace.pt
              id         a trainable table (N+1, d), SASRec
              llminit    a trainable table initialised from subspace.pt's language coordinates
-             morec      frozen raw language embeddings (lang_emb.npy) -> MLP adapter
+             morec      frozen language embeddings (lang_emb.npy) x --lang_scale -> MLP adapter
              whitenrec  frozen whitened language embeddings (all d_l directions) -> MLP adapter
-             unisrec    frozen raw language embeddings -> UniSRec's MoE adaptor of --experts
+             unisrec    frozen language embeddings x --lang_scale -> UniSRec's MoE adaptor of --experts
                         parametric whitening layers (embeddings.MoEAdaptorEmbedding)
-             rlmrec     a trainable table, as id, aligned to the frozen raw language embeddings by
+             rlmrec     a trainable table, as id, aligned to the frozen language embeddings x --lang_scale by
                         RLMRec's --align loss times --align_weight (embeddings.RLMRecEmbedding)
-             llmesr     LLM-ESR: a table initialised by PCA of the raw language embeddings beside
+             llmesr     LLM-ESR: a table initialised by PCA of the language embeddings x --lang_scale beside
                         the frozen ones through an adapter (2d items), the views fused by
                         cross-attention and concatenation, one shared encoder, plus --alpha times a
                         self-distillation towards --sim_users similar users (DualViewEmbedding)
@@ -52,7 +52,7 @@ import common
 from common import DataError
 from embeddings import make_item_embedding
 from model import DualViewEncoder, SASRecEncoder, seed_everything, self_distillation
-from training import (add_align_args, add_distill_args, add_loop_args, check_loop_args, embedding_args, fit,
+from training import (add_align_args, add_distill_args, add_language_args, add_loop_args, check_loop_args, embedding_args, fit,
                       interrupted, item_inputs, loop_defaults, param_groups, set_teachers, with_alignment)
 
 # -----------------------------------------------------------------------------
@@ -109,11 +109,11 @@ class SASRec(torch.nn.Module):
 
     def __init__(self, item_emb, num_items, d, max_len, num_blocks, num_heads, dropout, score,
                  eval_score, temperature, d_in=0, d_s=0, id_init="normal", train_lang=False, id_replace=False, init=None,
-                 cold=(), experts=8, align="con", align_temperature=0.2):
+                 cold=(), experts=8, align="con", align_temperature=0.2, lang_scale=1.0):
         super().__init__()
         self.num_items, self.score, self.eval_score, self.temperature = num_items, score, eval_score, temperature
         self.item_emb = make_item_embedding(item_emb, num_items, d, d_in, d_s, id_init, train_lang, id_replace, init, cold,
-                                            experts, align, align_temperature)
+                                            experts, align, align_temperature, lang_scale)
         encoder = DualViewEncoder if item_emb == "llmesr" else SASRecEncoder
         self.encoder = encoder(d, max_len, num_blocks, num_heads, dropout)
         # llmesr's teachers of the self-distillation (similar (U, N), teacher_seq (U, L)), set by
@@ -245,7 +245,7 @@ def parse_args(argv=None):
     p.add_argument("--subspace", default=None, help="decompose.py output (default DATA/subspace.pt): E_lang, d_s, d_n")
     # item embedding and loss
     p.add_argument("--item_emb", choices=["alphafuse", "id", "llminit", "morec", "whitenrec", "unisrec", "rlmrec", "llmesr"], default="alphafuse", help="item embedding: AlphaFuse or a baseline")
-    p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
+    add_language_args(p)
     add_align_args(p)
     add_distill_args(p)
     p.add_argument("--id_init", choices=["normal", "zeros"], default="normal", help="init of the ID vectors in the null space (alphafuse)")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import common
 import decompose
 from common import DataError
-from embeddings import load_subspace
+from embeddings import RAW_INPUT, load_subspace
 from model import check_device, full_ranking, load_checkpoint, save_checkpoint
 
 
@@ -41,7 +41,7 @@ def item_inputs(args, meta):
             raise DataError(f"{path}: {len(emb)} rows, meta.json says {N} items")
         if args.item_emb == "llmesr" and args.hidden_dim > emb.shape[1]:  # d PCA directions of d_l
             raise DataError(f"{path}: {emb.shape[1]}-d vectors, too few for --hidden_dim {args.hidden_dim} (llmesr's PCA)")
-        if args.item_emb in ("morec", "unisrec", "rlmrec", "llmesr"):  # morec, unisrec, llmesr adapt the raw vectors; rlmrec aligns to them
+        if args.item_emb in RAW_INPUT:  # morec, unisrec, llmesr adapt the vectors; rlmrec aligns to them (x lang_scale)
             features = np.concatenate([np.zeros((1, emb.shape[1]), np.float32), np.asarray(emb, np.float32)])
         else:  # whitenrec, idreamrec: whitened
             features = decompose.project(emb, *decompose.whitening(emb, path))
@@ -56,9 +56,11 @@ def item_inputs(args, meta):
 
 def embedding_args(args, dims):
     """The model_args that only some item embeddings have: the width d_in of their language input
-    (item_inputs' dims), UniSRec's G, RLMRec's variant and tau. Only for those: the model_args of
-    the other runs, which --resume compares, stay as they were."""
+    (item_inputs' dims), UniSRec's G, RLMRec's variant and tau, the RAW_INPUT baselines' lang_scale.
+    Only for those: the model_args of the other runs, which --resume compares, stay as they were."""
     extra = {"d_in": dims["d_in"]} if "d_in" in dims else {}
+    if args.item_emb in RAW_INPUT and args.lang_scale != 1:  # absent at 1: the runs from before the flag
+        extra["lang_scale"] = args.lang_scale
     if args.item_emb == "unisrec":
         extra["experts"] = args.experts
     if args.item_emb == "rlmrec":
@@ -320,6 +322,12 @@ def add_loop_args(p):
 ALIGN_DEFAULTS = {"con": (0.01, 0.2), "gen": (0.1, 0.5)}
 
 
+def add_language_args(p):
+    """The flags of the baselines' language input, the same in both trainers."""
+    p.add_argument("--experts", type=int, default=8, help="G, the parametric whitening experts of UniSRec's MoE adaptor (unisrec)")
+    p.add_argument("--lang_scale", type=float, default=40.0, help="factor on the unit-norm language vectors fed to morec, unisrec, rlmrec and llmesr (the official code's language_embs_scale; 1: the vectors as embed.py wrote them)")
+
+
 def add_align_args(p):
     """RLMRec's flags (--item_emb rlmrec), the same in both trainers."""
     p.add_argument("--align", choices=["con", "gen"], default="con", help="RLMRec's alignment (rlmrec): con, sigma_down(s_i) against e_i (RLMRec-Con), or gen, sigma_up(e_i) against s_i (RLMRec-Gen)")
@@ -337,7 +345,7 @@ def add_distill_args(p):
 LOOP_RANGES = {**dict.fromkeys(("hidden_dim", "num_blocks", "num_heads", "batch_size", "epochs", "patience", "eval_every",
                                 "experts"), "[1, inf)"),
                "dropout": "[0, 1)", "lr": "(0, 1e37)", "weight_decay": "[0, 1e37)", "seed": "[0, 4294967296)",
-               "align_weight": "[0, 1e37)", "align_temperature": "(0, 1e37)", "alpha": "[0, 1e37)", "sim_users": "[1, inf)"}
+               "align_weight": "[0, 1e37)", "lang_scale": "(0, 1e37)", "align_temperature": "(0, 1e37)", "alpha": "[0, 1e37)", "sim_users": "[1, inf)"}
 
 
 def interrupted(args):

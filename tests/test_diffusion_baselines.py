@@ -162,10 +162,13 @@ def test_whitened_vectors_have_identity_covariance(toy, item_emb):
         assert torch.equal(model.scorer(0)[1], ck["model"]["item_emb.features"])
 
 
-def test_morec_adapts_the_raw_vectors(toy):
-    """MoRec's frozen vectors are lang_emb.npy's rows as they are (padding row 0 added)."""
-    x = checkpoint(toy.runs["morec"])["model"]["item_emb.features"]
-    assert torch.equal(x[1:], torch.from_numpy(np.load(os.path.join(toy.data, "lang_emb.npy")))) and not x[0].any()
+def test_morec_adapts_the_vectors_times_the_official_scale(toy):
+    """MoRec's frozen vectors are lang_emb.npy's rows times --lang_scale, by default the official
+    code's 40 (padding row 0 added), and the checkpoint's model_args say so."""
+    ck = checkpoint(toy.runs["morec"])
+    x = ck["model"]["item_emb.features"]
+    assert ck["model_args"]["lang_scale"] == 40
+    assert torch.equal(x[1:], 40 * torch.from_numpy(np.load(os.path.join(toy.data, "lang_emb.npy")))) and not x[0].any()
 
 
 def test_llminit_cold_rows_keep_the_subspace_coordinates_under_weight_decay(toy):
@@ -206,10 +209,11 @@ def test_smoke_reload_and_evaluate(toy, item_emb, d):
 @pytest.mark.parametrize("item_emb", ["alphafuse", "id", *NEW])
 def test_model_args_add_keys_only_for_the_new_variants(toy, item_emb):
     """The model_args that --resume compares: alphafuse's and id's are as before these variants;
-    morec, whitenrec and idreamrec add d_in (= d_l) and nothing else, llminit adds nothing."""
+    morec, whitenrec and idreamrec add d_in (= d_l), morec also its lang_scale (40), and nothing
+    else; llminit adds nothing."""
     args = checkpoint(toy.runs[item_emb])["model_args"]
     extra = {"morec", "whitenrec", "idreamrec"}
-    assert set(args) == BASE_KEYS | ({"d_in"} if item_emb in extra else set())
+    assert set(args) == BASE_KEYS | ({"d_in"} if item_emb in extra else set()) | ({"lang_scale"} if item_emb == "morec" else set())
     assert item_emb not in extra or args["d_in"] == DIM
 
 

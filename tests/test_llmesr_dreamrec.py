@@ -117,7 +117,7 @@ def test_trains_evaluate_rebuilds_it_and_resume_continues_exactly(toy, tmp_path,
     a, b = checkpoint(straight, "last.pt")["model"], checkpoint(resumed, "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
     ck = checkpoint(straight)
-    assert set(ck["model_args"]) == BASE_KEYS | {"d_in"} and ck["model_args"]["d"] == 16
+    assert set(ck["model_args"]) == BASE_KEYS | {"d_in", "lang_scale"} and ck["model_args"]["d"] == 16
     assert ck["model"]["item_emb.co_emb"].shape == (41, 16) and ck["model"]["null_c"].shape == (32,)
     out = os.path.join(straight, "again.json")
     evaluate.main([os.path.join(straight, "ckpt.pt"), "--out", out, "--device", "cpu"])

@@ -283,6 +283,24 @@ def test_report_makes_its_output_folders(tmp_path):
     assert (tmp_path / "plots" / "curves_toy.png").stat().st_size > 0
 
 
+def test_report_tables_the_unscaled_baselines_beside_the_scaled_ones(tmp_path):
+    """raw_morec (--lang_scale 1) is left out of the main table and tabled under it beside
+    sasrec_morec (the default x40), each with its own NDCG@20."""
+    for run, ndcg in (("sasrec_morec_s0", 0.25), ("raw_morec_s0", 0.125)):
+        (tmp_path / "toy" / run).mkdir(parents=True)
+        (tmp_path / "toy" / run / "metrics.json").write_text(json.dumps(
+            {"test": {"all": dict.fromkeys(("HR@10", "HR@20", "NDCG@10", "NDCG@20"), ndcg)}}))
+        (tmp_path / "toy" / run / "log.jsonl").write_text("".join(
+            json.dumps({"epoch": e, "seconds": 1.0, "valid": {"NDCG@20": v}}) + "\n" for e, v in ((1, 0.2), (2, 0.1))))
+    proc = run_script("report.py", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    main, unscaled = proc.stdout.split("### toy, the language baselines")
+    assert "| MoRec | 1 |" in main and "unscaled" not in main
+    rows = [line for line in unscaled.splitlines() if line.startswith("| MoRec")]
+    assert [r.split(" | ")[0] for r in rows] == ["| MoRec", "| MoRec, unscaled"]
+    assert [r.split(" | ")[5] for r in rows] == ["0.2500", "0.1250"]  # NDCG@20
+
+
 def test_report_output_folder_that_cannot_be_made(tmp_path):
     (tmp_path / "toy" / "sasrec_id_s0").mkdir(parents=True)
     (tmp_path / "file").write_text("")

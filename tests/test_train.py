@@ -198,6 +198,23 @@ def test_resume_drops_log_lines_that_last_pt_lacks(data, tmp_path):
     assert [(r["loss"], r["valid"]) for r in read_log(run)] == [(r["loss"], r["valid"]) for r in read_log(straight)]
 
 
+def test_lang_scale_multiplies_the_baselines_vectors_and_resume_refuses_another(data, tmp_path):
+    """--lang_scale s feeds morec s times lang_emb.npy's rows, by default the official code's 40.
+    At 1 the model_args are those from before the flag, so the runs trained then still resume;
+    resuming a run with another scale is one error line naming lang_scale, and the run is as it was."""
+    lang = torch.from_numpy(np.load(os.path.join(data, "lang_emb.npy")))
+    for flags, scale in (((), 40.0), (("--lang_scale", 1), None), (("--lang_scale", 2.5), 2.5)):
+        run = train(data, tmp_path / f"run{scale}", "--item_emb", "morec", *flags)
+        ck = torch.load(os.path.join(run, "ckpt.pt"), weights_only=True)
+        assert ck["model_args"].get("lang_scale") == scale
+        assert torch.equal(ck["model"]["item_emb.features"][1:], (scale or 1) * lang)
+    log = read_log(run)
+    proc = run_script("train_discriminative.py", data, "--out", run, *SMALL, "--item_emb", "morec", "--epochs", "2",
+                      "--resume")
+    assert_clean_error(proc, "last.pt")
+    assert "lang_scale" in proc.stderr and read_log(run) == log
+
+
 # -----------------------------------------------------------------------------
 # bad input: one 'error:' line on stderr, no traceback, non-zero exit, no output
 
