@@ -244,8 +244,8 @@ def train(data, out, *flags, epochs=1):
 
 @pytest.mark.parametrize("item_emb,d", [("alphafuse", 24), ("id", 16), ("unisrec", 16)])
 def test_smoke_and_reload(data, tmp_path, item_emb, d):
-    """One epoch writes every file; ckpt.pt loads weights_only, backbone dreamrec, frozen E_lang (unisrec: the
-    raw lang_emb.npy), evaluate.py reproduces metrics.json."""
+    """One epoch writes every file; ckpt.pt loads weights_only, backbone dreamrec, frozen E_lang (unisrec:
+    lang_emb.npy times the default --lang_scale 40), evaluate.py reproduces metrics.json."""
     run = train(data, tmp_path / "run", "--item_emb", item_emb)
     for name in ("ckpt.pt", "last.pt", "log.jsonl", "metrics.json"):
         assert os.path.isfile(os.path.join(run, name)), f"{name} missing"
@@ -262,7 +262,7 @@ def test_smoke_and_reload(data, tmp_path, item_emb, d):
         sub = load_subspace(os.path.join(data, "subspace_dreamrec.pt"))
         assert torch.equal(ck["model"]["item_emb.lang"], sub["lang_emb"].float())
     if item_emb == "unisrec":
-        assert torch.equal(ck["model"]["item_emb.features"][1:], torch.from_numpy(np.load(os.path.join(data, "lang_emb.npy"))))
+        assert torch.equal(ck["model"]["item_emb.features"][1:], 40 * torch.from_numpy(np.load(os.path.join(data, "lang_emb.npy"))))
     out = str(tmp_path / "again.json")
     evaluate.main([os.path.join(run, "ckpt.pt"), "--out", out, "--device", "cpu"])
     assert read_json(out) == metrics
