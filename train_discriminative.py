@@ -206,6 +206,7 @@ class SASRec(torch.nn.Module):
 def build_model(model_args, init=None, cold=()):
     return SASRec(**model_args, init=init, cold=cold)
 
+
 def model_args_of(args, meta, dims):
     """build_model's model_args from the command line, meta.json and item_inputs' dims."""
     model_args = {"item_emb": args.item_emb, "num_items": meta["num_items"], "d": dims.get("hidden_dim", args.hidden_dim),

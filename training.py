@@ -41,7 +41,7 @@ def item_inputs(args, meta):
             raise DataError(f"{path}: {len(emb)} rows, meta.json says {N} items")
         if args.item_emb == "llmesr" and args.hidden_dim > emb.shape[1]:  # d PCA directions of d_l
             raise DataError(f"{path}: {emb.shape[1]}-d vectors, too few for --hidden_dim {args.hidden_dim} (llmesr's PCA)")
-        if args.item_emb in RAW_INPUT:  # morec, unisrec, llmesr adapt the vectors; rlmrec aligns to them (x lang_scale)
+        if args.item_emb in RAW_INPUT:  # adapted (rlmrec: aligned to) as they are; make_item_embedding applies lang_scale
             features = np.concatenate([np.zeros((1, emb.shape[1]), np.float32), np.asarray(emb, np.float32)])
         else:  # whitenrec, idreamrec: whitened
             features = decompose.project(emb, *decompose.whitening(emb, path))
