@@ -18,6 +18,7 @@ import torch
 import common
 import evaluate
 import train_diffusion
+import training
 from conftest import assert_clean_error, prepare_embedded_toy, read_json, read_log, run_script
 from embeddings import load_subspace
 
@@ -217,6 +218,49 @@ def test_p_uncond_one_always_uses_null_condition():
         encoder_grad = sum(float(p.grad.abs().sum()) for p in model.encoder.parameters() if p.grad is not None)
         assert (encoder_grad > 0) == depends, (p_uncond, encoder_grad)
         assert (model.null_c.grad is not None and model.null_c.grad.abs().sum() > 0) == (not depends)
+
+
+def test_whole_sequences_equal_windows_and_keep_one_shape():
+    """Users of 2 to L + 1 items, so whole sequences are left-padded: with a denoiser that reads only
+    c (W_x = W_t = 0), p_uncond = 0 and no position embeddings, the loss no longer depends on the
+    draws, and the whole-sequence loss and its gradients equal the windows' (every real position
+    one x0, padding none). The denoiser sees B L rows whatever the padding: varying row counts made
+    oneDNN cache a primitive per batch."""
+    N, L = 20, 5
+    g = torch.Generator().manual_seed(3)
+    seqs, targets, users = [], [], []
+    for u, n in enumerate([2, 3, L + 1, 4, L + 1, 2]):  # windows as prepare.py writes them, in time order
+        items = torch.randperm(N, generator=g)[:n] + 1
+        for t in range(1, n):
+            seqs.append(torch.cat([torch.zeros(L - t, dtype=torch.long), items[:t]]))
+            targets.append(items[t])
+            users.append(u)
+    windows = {"seq": torch.stack(seqs), "target": torch.stack(targets), "user": torch.tensor(users)}
+    sequences = training.whole_sequences(windows)
+    assert (sequences["seq"] == 0).any() and int((sequences["target"] > 0).sum()) == len(seqs)
+    model = make_model(p_uncond=0.0)
+    with torch.no_grad():
+        model.encoder.pos.weight.zero_()
+        W_x, _, W_t = model.denoiser.weight.split(model.null_c.shape[0], dim=1)
+        W_x.zero_(), W_t.zero_()
+    rows = []
+    model.denoiser.register_forward_hook(lambda module, inputs, output: rows.append(len(inputs[0])))
+    d, runs = model.null_c.shape[0], []
+    for batch, seed in ((windows, 5), (sequences, 6)):
+        model.zero_grad()
+        loss = model.loss(batch["seq"], batch["target"], torch.Generator().manual_seed(seed))
+        loss.backward()
+        # not compared: the positions' gradient (a window's items sit at other slots) and W_x's and
+        # W_t's, which read x_t and t, so the draws
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if name != "encoder.pos.weight"}
+        grads["denoiser.weight"] = grads["denoiser.weight"][:, d:2 * d]  # W_c
+        runs.append((loss.detach(), grads))
+    assert rows == [len(seqs), len(sequences["seq"]) * L]
+    (loss_w, by_windows), (loss_s, by_sequences) = runs
+    torch.testing.assert_close(loss_s, loss_w, rtol=1e-5, atol=1e-7)
+    assert by_sequences.keys() == by_windows.keys() and "item_emb.weight" in by_windows
+    for name in by_windows:
+        torch.testing.assert_close(by_sequences[name], by_windows[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
 # -----------------------------------------------------------------------------
