@@ -155,7 +155,8 @@ class DreamRec(torch.nn.Module):
             # primitive per shape (the step MLP's GELU): ml-1m's RSS grew ~50 MB a step, to 9 GB
             states = self.condition(seq, all_positions=True)  # (B, L, D)
             c, last = states.flatten(0, 1), states[:, -1]  # (B L, D), (B, D)
-            target, real = target.flatten(), target.flatten() > 0  # (B L,)
+            target = target.flatten()  # (B L,)
+            real = target > 0
         else:
             c = last = self.condition(seq)  # (B, D)
         if alpha and user is not None and self.similar is not None:
