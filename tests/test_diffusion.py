@@ -239,13 +239,14 @@ def test_whole_sequences_equal_windows_and_keep_one_shape():
     sequences = training.whole_sequences(windows)
     assert (sequences["seq"] == 0).any() and int((sequences["target"] > 0).sum()) == len(seqs)
     model = make_model(p_uncond=0.0)
+    d = model.null_c.shape[0]
     with torch.no_grad():
         model.encoder.pos.weight.zero_()
-        W_x, _, W_t = model.denoiser.weight.split(model.null_c.shape[0], dim=1)
+        W_x, _, W_t = model.denoiser.weight.split(d, dim=1)
         W_x.zero_(), W_t.zero_()
     rows = []
     model.denoiser.register_forward_hook(lambda module, inputs, output: rows.append(len(inputs[0])))
-    d, runs = model.null_c.shape[0], []
+    runs = []
     for batch, seed in ((windows, 5), (sequences, 6)):
         model.zero_grad()
         loss = model.loss(batch["seq"], batch["target"], torch.Generator().manual_seed(seed))
