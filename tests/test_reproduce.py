@@ -45,6 +45,15 @@ def reproduce(root, **settings):
     return run_command(["bash", os.path.join(REPO, "reproduce.sh")], env=env, timeout=HANG_TIMEOUT)
 
 
+def shared_toy(root, names=("toy",), items=40):
+    """prepare_toy's generated sources as SHARED/NAME for each of `names`, and no DATA: reproduce.sh
+    prepares it again."""
+    prepare_toy(root, items=items)
+    for name in names:
+        shutil.copytree(root / "src", root / "shared" / name)
+    shutil.rmtree(root / "data")
+
+
 def rows(text):
     """Markdown tables of report.py's output -> {title: {label: [cells]}}, the title being the
     heading above the table."""
@@ -62,10 +71,7 @@ def rows(text):
 def repro(tmp_path_factory):
     """One reproduce.sh run over the toy dataset, 2 seeds, 2 epochs (DreamRec 1)."""
     root = tmp_path_factory.mktemp("repro")
-    prepare_toy(root)
-    (root / "shared").mkdir()
-    os.rename(root / "src", root / "shared" / "toy")
-    shutil.rmtree(root / "data")  # prepare_toy's own output: reproduce.sh prepares it again
+    shared_toy(root)
     proc = reproduce(root)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root, proc
@@ -323,11 +329,7 @@ def test_reproduce_runs_every_item_embedding_of_both_trainers_by_default():
 def test_dreamrec_rate_defaults_per_dataset(tmp_path):
     """With DIFF_LR unset, DreamRec trains at the rate of the README's probes: 1e-4 on ml-1m (1e-5
     does not stop within 200 epochs there), the official 1e-5 on every other dataset."""
-    prepare_toy(tmp_path, items=80)  # ml-1m's leave-one-out split samples negatives outside L = 50
-    (tmp_path / "shared").mkdir()
-    for name in ("ml-1m", "toy"):
-        shutil.copytree(tmp_path / "src", tmp_path / "shared" / name)
-    shutil.rmtree(tmp_path / "data")
+    shared_toy(tmp_path, ("ml-1m", "toy"), items=80)  # ml-1m's leave-one-out split samples negatives outside L = 50
     proc = reproduce(tmp_path, DATASETS="ml-1m toy", SEEDS="0", SASREC="", DREAMREC="id", ABLATE="", DIFF_LR="", JOBS="1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name, lr in (("ml-1m", 1e-4), ("toy", 1e-5)):
